@@ -1,0 +1,240 @@
+"""The public entry points: ``odeint``, ``odeint_adjoint``, ``odeint_event`` and ``solve``.
+
+Inputs are checked and normalised once here (tuple states flattened, tolerances made
+per-component vectors, the error norm built), then handed to a backend, directly or through
+the adjoint bridge.  ``odeint``/``odeint_adjoint`` keep torchdiffeq's signatures and raise on
+failure; ``solve`` returns a :class:`~pydiffbridge.solution.Solution` with stats and a status.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import errors as E
+from ._tree import Tree
+from .backends.base import SolveSpec, get_backend
+from .solution import Solution, Status
+
+__all__ = ["odeint", "odeint_adjoint", "odeint_event", "solve"]
+
+GRADIENTS = ("direct", "adjoint", "checkpointed", "auto")
+_STATUS_ERRORS = {
+    Status.MAX_STEPS: E.MaxStepsExceededError,
+    Status.STEP_UNDERFLOW: E.StepSizeUnderflowError,
+    Status.NONFINITE: E.NonFiniteError,
+    Status.FAILED: E.SolverError,
+}
+
+
+def _check_t(t, y_like: torch.Tensor, needs_two: bool) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        try:
+            t = torch.as_tensor(t, dtype=torch.float64 if not y_like.dtype.is_floating_point
+                                else y_like.dtype)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise E.TimeGridError(f"t must be a 1-D tensor of times, got {type(t).__name__}") \
+                from exc
+    if t.ndim != 1:
+        raise E.TimeGridError(f"t must be one-dimensional, got shape {tuple(t.shape)}; pass the "
+                              "output times as a 1-D tensor")
+    if not t.dtype.is_floating_point:
+        t = t.to(torch.float64 if not y_like.dtype.is_floating_point else y_like.dtype)
+    n_min = 2 if needs_two else 1
+    if t.numel() < n_min:
+        raise E.TimeGridError(f"t needs at least {n_min} time(s) (start and end), got "
+                              f"{t.numel()}")
+    if not bool(torch.isfinite(t).all()):
+        raise E.TimeGridError("t contains NaN or Inf")
+    if t.numel() > 1:
+        d = t[1:] - t[:-1]
+        if not (bool((d > 0).all()) or bool((d < 0).all())):
+            bad = int(torch.nonzero((d <= 0) if bool(d[0] > 0) else (d >= 0))[0])
+            raise E.TimeGridError(
+                f"t must be strictly increasing or strictly decreasing; it is not at index "
+                f"{bad + 1} (t[{bad}]={float(t[bad]):.6g}, t[{bad + 1}]={float(t[bad + 1]):.6g})")
+    return t.to(y_like.device) if t.device != y_like.device else t
+
+
+def _build_norm(tree: Tree, user_norm) -> Callable[[torch.Tensor], torch.Tensor]:
+    if callable(user_norm):
+        return lambda flat: user_norm(tree.unflatten(flat))
+    if user_norm is not None:
+        raise E.UnknownOptionError(f"options['norm'] must be a callable, got {user_norm!r} "
+                                   "('seminorm' is an adjoint_options setting)")
+    if not tree.is_tuple:
+        return lambda x: torch.linalg.vector_norm(x) / (x.numel() ** 0.5)
+    sizes = tree.sizes
+
+    def max_rms(x):
+        return torch.stack([torch.linalg.vector_norm(p) / (p.numel() ** 0.5)
+                            for p in torch.split(x, sizes)]).max()
+
+    return max_rms
+
+
+class Prepared:
+    """Normalised inputs: what every path (direct, adjoint, any backend) starts from."""
+
+    def __init__(self, func, y0, t, rtol, atol, method, options, event_fn, backend):
+        self.tree = Tree.of(y0)
+        if not (self.tree.dtype.is_floating_point or self.tree.dtype.is_complex):
+            raise E.InputError(f"y0 must be floating point or complex, got {self.tree.dtype}; "
+                               "use y0.double() or y0.float()")
+        self.y0 = self.tree.flatten(y0)
+        if not bool(torch.isfinite(self.y0).all()):
+            raise E.NonFiniteError("y0 contains NaN or Inf")
+        self.t = _check_t(t, self.y0, needs_two=event_fn is None)
+        self.backend = get_backend(backend)
+        self.method = self.backend.resolve_method(method)
+        opts = dict(options or {})
+        check = getattr(self.backend, "check_options", None)
+        if check is not None:
+            check(self.method, opts)
+        norm = _build_norm(self.tree, opts.pop("norm", None))
+        for key in ("step_t", "jump_t"):
+            if key in opts:
+                opts[key] = [float(v) for v in torch.as_tensor(opts[key]).reshape(-1).tolist()]
+        rtol_v = self.tree.flat_values(rtol, "rtol")
+        atol_v = self.tree.flat_values(atol, "atol")
+        self.spec = SolveSpec(self.method, rtol_v, atol_v, opts, norm)
+        self.func = self.tree.wrap_func(func)
+        self.event_fn = None
+        if event_fn is not None:
+            tree = self.tree
+            self.event_fn = lambda tt, yy: event_fn(tt, tree.unflatten(yy))
+
+    def adjoint_spec(self, rtol, atol, method, options) -> SolveSpec:
+        s = self.spec
+        opts = dict(options or {})
+        norm = opts.pop("norm", None)
+        return SolveSpec(
+            self.backend.resolve_method(method) if method is not None else s.method,
+            self.tree.flat_values(rtol, "adjoint_rtol") if rtol is not None else s.rtol,
+            self.tree.flat_values(atol, "adjoint_atol") if atol is not None else s.atol,
+            {**{k: v for k, v in s.options.items() if k not in ("jump_t", "step_t")}, **opts},
+            norm,  # None, "seminorm" or a callable: interpreted by the bridge
+        )
+
+    def finish(self, sol: Solution, t_out: torch.Tensor | None = None) -> Solution:
+        sol.ys = self.tree.unflatten(sol.ys, lead=(sol.ys.shape[0],))
+        return sol
+
+
+def _raise_for(sol: Solution) -> None:
+    if sol.success:
+        return
+    cls = _STATUS_ERRORS.get(Status(int(sol.status)), E.SolverError)
+    hint = ""
+    if cls is E.MaxStepsExceededError:
+        hint = ("; raise options['max_num_steps'], loosen rtol/atol, or call pydiffbridge.solve"
+                "(...) which returns the partial result with status=MAX_STEPS instead of raising")
+    raise cls(f"{sol.backend}/{sol.method}: {sol.message}{hint}")
+
+
+def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: str | None = None,
+          options: dict | None = None, event_fn: Callable | None = None, backend: Any = "torch",
+          gradient: str = "direct", adjoint_rtol: Any = None, adjoint_atol: Any = None,
+          adjoint_method: str | None = None, adjoint_options: dict | None = None,
+          adjoint_params: Any = None, raise_on_failure: bool = False) -> Solution:
+    """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` and report states at ``t``.
+
+    Args:
+        gradient: ``"direct"`` backprop through the solver's operations (torch backend),
+            ``"adjoint"`` (O(1) memory, through the bridge autograd.Function, any backend),
+            ``"checkpointed"`` (adjoint that re-solves forward from saved states: stable on
+            dissipative problems), or ``"auto"`` (direct where the backend allows it, else
+            adjoint).
+        raise_on_failure: raise the matching exception instead of returning a non-success
+            status.
+
+    Returns:
+        A :class:`Solution`; ``ys`` has the structure of ``y0`` with a leading time dimension.
+        For a failed solve the rows not reached are NaN and ``status``/``message`` say why.
+    """
+    if gradient not in GRADIENTS:
+        raise E.InputError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    p = Prepared(func, y0, t, rtol, atol, method, options, event_fn, backend)
+    if gradient == "auto":
+        gradient = "direct" if p.backend.supports_direct_grad else "adjoint"
+    if gradient == "direct" and not p.backend.supports_direct_grad:
+        if torch.is_grad_enabled() and _needs_grad(p, func, adjoint_params):
+            raise E.InputError(f"backend {p.backend.name!r} cannot backpropagate directly; use "
+                               "gradient='adjoint' (or odeint, which does so automatically)")
+        with torch.no_grad():
+            sol = p.backend.solve(p.func, p.y0, p.t, p.spec, p.event_fn)
+    elif gradient == "direct" or not torch.is_grad_enabled() or not _needs_grad(
+            p, func, adjoint_params):
+        sol = p.backend.solve(p.func, p.y0, p.t, p.spec, p.event_fn)
+    else:
+        from .adjoint import bridge_solve
+
+        params = _adjoint_params(func, adjoint_params)
+        sol = bridge_solve(p, params, p.adjoint_spec(adjoint_rtol, adjoint_atol, adjoint_method,
+                                                     adjoint_options), gradient)
+    if raise_on_failure:
+        _raise_for(sol)
+    return p.finish(sol)
+
+
+def _adjoint_params(func, adjoint_params) -> tuple[torch.Tensor, ...]:
+    if adjoint_params is not None:
+        return tuple(adjoint_params)
+    if isinstance(func, torch.nn.Module):
+        return tuple(p for p in func.parameters() if p.requires_grad)
+    return ()
+
+
+def _needs_grad(p: Prepared, func, adjoint_params) -> bool:
+    if p.y0.requires_grad or p.t.requires_grad:
+        return True
+    try:
+        return any(q.requires_grad for q in _adjoint_params(func, adjoint_params))
+    except TypeError:
+        return False
+
+
+def odeint(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: str | None = None,
+           options: dict | None = None, event_fn: Callable | None = None, backend: Any = "torch"):
+    """torchdiffeq-compatible solve: returns ``ys`` (or ``(event_t, ys)`` with ``event_fn``).
+
+    Gradients flow by direct backprop on the torch backend; on engines that cannot be traced
+    (SciPy, Julia) they flow through the adjoint bridge automatically.  Raises the matching
+    :mod:`pydiffbridge.errors` exception if the solve fails.
+    """
+    sol = solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
+                event_fn=event_fn, backend=backend, gradient="auto", raise_on_failure=True)
+    return (sol.event_t, sol.ys) if event_fn is not None else sol.ys
+
+
+def odeint_adjoint(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9,
+                   method: str | None = None, options: dict | None = None,
+                   event_fn: Callable | None = None, adjoint_rtol: Any = None,
+                   adjoint_atol: Any = None, adjoint_method: str | None = None,
+                   adjoint_options: dict | None = None, adjoint_params: Any = None,
+                   backend: Any = "torch"):
+    """torchdiffeq-compatible adjoint solve with O(1) memory in the number of steps.
+
+    ``func`` must be an ``nn.Module`` unless ``adjoint_params`` lists the tensors to
+    differentiate.  ``adjoint_options={"norm": "seminorm"}`` uses the seminorm of Kidger et al.
+    (2021) for the backward pass.
+    """
+    if adjoint_params is None and not isinstance(func, torch.nn.Module):
+        raise E.InputError("odeint_adjoint: func must be an nn.Module so that its parameters can "
+                           "be found, or pass adjoint_params=(tensors...)")
+    sol = solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
+                event_fn=event_fn, backend=backend, gradient="adjoint", adjoint_rtol=adjoint_rtol,
+                adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,
+                adjoint_options=adjoint_options, adjoint_params=adjoint_params,
+                raise_on_failure=True)
+    return (sol.event_t, sol.ys) if event_fn is not None else sol.ys
+
+
+def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, odeint_interface: Callable = odeint,
+                 **kwargs):
+    """torchdiffeq's ``odeint_event``: integrate from ``t0`` until ``event_fn(t, y)`` crosses
+    zero; returns ``(event_t, ys)`` with ``ys`` the states at ``[t0, event_t]``."""
+    t0 = torch.as_tensor(t0).reshape(1)
+    return odeint_interface(func, y0, t0, event_fn=event_fn, **kwargs)

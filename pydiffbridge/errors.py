@@ -1,0 +1,81 @@
+"""One exception hierarchy for the whole library.
+
+Every error a user can trigger inherits :class:`PyDiffBridgeError`.  Where a built-in
+exception type is the natural expectation (``ValueError`` for bad input, ``ImportError`` for
+a missing optional dependency, ``RuntimeError`` for a solver failure) the class inherits it
+too, so ``except ValueError`` keeps working for torchdiffeq users.
+
+Messages follow one pattern: what was wrong, where (argument, time ``t``, step size ``dt``,
+step count, batch sample), and what to try.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PyDiffBridgeError",
+    "InputError",
+    "TimeGridError",
+    "UnknownMethodError",
+    "UnknownOptionError",
+    "UnknownBackendError",
+    "RHSError",
+    "NonFiniteError",
+    "SolverError",
+    "StepSizeUnderflowError",
+    "MaxStepsExceededError",
+    "BackendUnavailableError",
+    "JuliaUnavailableError",
+]
+
+
+class PyDiffBridgeError(Exception):
+    """Base class of every exception raised by pydiffbridge."""
+
+
+class InputError(PyDiffBridgeError, ValueError):
+    """An argument has a wrong value, shape, dtype or device."""
+
+
+class TimeGridError(InputError):
+    """The output times ``t`` are not a 1-D strictly monotonic, finite tensor."""
+
+
+class UnknownMethodError(InputError):
+    """The requested method is not known to the chosen backend."""
+
+
+class UnknownOptionError(InputError):
+    """An entry of ``options`` is not understood by the chosen method."""
+
+
+class UnknownBackendError(InputError):
+    """The requested backend is not registered."""
+
+
+class RHSError(PyDiffBridgeError, TypeError):
+    """The user's right-hand side ``func(t, y)`` returned something unusable
+    (wrong type, shape, dtype or device)."""
+
+
+class NonFiniteError(PyDiffBridgeError, FloatingPointError):
+    """NaN or Inf appeared in the initial state or in the solution."""
+
+
+class SolverError(PyDiffBridgeError, RuntimeError):
+    """The integration could not be completed."""
+
+
+class StepSizeUnderflowError(SolverError):
+    """The adaptive step size fell below the smallest usable value."""
+
+
+class MaxStepsExceededError(SolverError):
+    """More than ``max_num_steps`` steps were needed."""
+
+
+class BackendUnavailableError(PyDiffBridgeError, ImportError):
+    """A backend's optional dependency is missing or could not start."""
+
+
+class JuliaUnavailableError(BackendUnavailableError):
+    """Julia (via juliacall) is not installed or could not be started/installed."""

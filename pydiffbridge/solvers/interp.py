@@ -1,0 +1,92 @@
+"""Dense output: weights over a step's stages that give the state anywhere inside the step.
+
+Every interpolant here is written as ``y(t0 + θh) = y0 + h * Σ_j w_j(θ) K_j`` where ``K`` holds
+the step's stages and, in its last row, ``f(t0 + h, y1)``.  That form lets one matrix product
+evaluate several output times at once and keeps the result differentiable in the stages.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction as F
+
+import torch
+
+from .tableaus import DOPRI5_MID, Tableau
+
+__all__ = ["interp_weights"]
+
+
+def _hermite(theta: torch.Tensor, tab: Tableau, s: int) -> torch.Tensor:
+    """Cubic Hermite through (y0, f0) and (y1, f1); third-order accurate."""
+    th2 = theta * theta
+    th3 = th2 * theta
+    h01 = 3 * th2 - 2 * th3  # weight of (y1 - y0)
+    h10 = th3 - 2 * th2 + theta  # weight of h * f0
+    h11 = th3 - th2  # weight of h * f1
+    b = torch.tensor(tab.b + (0.0,) * (s + 1 - len(tab.b)), dtype=theta.dtype, device=theta.device)
+    w = h01[:, None] * b[None, :]
+    w[:, 0] += h10
+    w[:, s] += h11
+    return w
+
+
+# Quartic through y0, y_mid = y(1/2), y1 with end slopes: p(θ) = y0 + θ h f0 + c2 θ² + c3 θ³
+# + c4 θ⁴, where [c2, c3, c4] = _Q @ [y1 - y0 - h f0, h (f1 - f0), y_mid - y0 - h f0 / 2].
+# _Q is the inverse of [[1, 1, 1], [2, 3, 4], [1/4, 1/8, 1/16]] (solved exactly below).
+def _inverse3(m):
+    (a, b, c), (d, e, f), (g, h, i) = m
+    det = a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    adj = [
+        [e * i - f * h, c * h - b * i, b * f - c * e],
+        [f * g - d * i, a * i - c * g, c * d - a * f],
+        [d * h - e * g, b * g - a * h, a * e - b * d],
+    ]
+    return [[x / det for x in row] for row in adj]
+
+
+_Q = _inverse3([[F(1), F(1), F(1)], [F(2), F(3), F(4)], [F(1, 4), F(1, 8), F(1, 16)]])
+
+
+def _dopri5(theta: torch.Tensor, tab: Tableau, s: int) -> torch.Tensor:
+    """Fourth-order dense output of Dormand-Prince 5(4) via Shampine's midpoint value."""
+    kw = dict(dtype=theta.dtype, device=theta.device)
+    e0 = torch.zeros(s + 1, **kw)
+    e0[0] = 1
+    e_end = torch.zeros(s + 1, **kw)
+    e_end[s] = 1
+    b = torch.zeros(s + 1, **kw)
+    b[: len(tab.b)] = torch.tensor(tab.b, **kw)
+    mid = torch.zeros(s + 1, **kw)
+    mid[: len(DOPRI5_MID)] = torch.tensor(DOPRI5_MID, **kw)
+    rhs = torch.stack([b - e0, e_end - e0, mid - e0 / 2])  # (3, s+1)
+    q = torch.tensor([[float(x) for x in row] for row in _Q], **kw)
+    c = q @ rhs  # (3, s+1): weights of c2, c3, c4
+    powers = torch.stack([theta**2, theta**3, theta**4], dim=1)  # (m, 3)
+    return theta[:, None] * e0[None, :] + powers @ c
+
+
+# Tsitouras (2011), Sec. 3: the continuous extension b_i(θ) of Tsit5 (free of extra stages).
+def _tsit5(theta: torch.Tensor, tab: Tableau, s: int) -> torch.Tensor:
+    t = theta
+    t2 = t * t
+    cols = [
+        -1.0530884977290216 * t * (t - 1.3299890189751412) * (t2 - 1.4364028541716351 * t
+                                                               + 0.7139816917074209),
+        0.1017 * t2 * (t2 - 2.1966568338249754 * t + 1.2949852507374631),
+        2.490627285651252793 * t2 * (t2 - 2.38535645472061657 * t + 1.57803468208092486),
+        -16.54810288924490272 * (t - 1.21712927295533244) * (t - 0.61620406037800089) * t2,
+        47.37952196281928122 * (t - 1.203071208372362603) * (t - 0.658047292653547382) * t2,
+        -34.87065786149660974 * (t - 1.2) * (t - 0.666666666666666667) * t2,
+        2.5 * (t - 1) * (t - 0.6) * t2,
+    ]
+    w = torch.stack(cols, dim=1)
+    pad = torch.zeros(w.shape[0], s + 1 - w.shape[1], dtype=w.dtype, device=w.device)
+    return torch.cat([w, pad], dim=1)
+
+
+_KINDS = {"hermite": _hermite, "dopri5": _dopri5, "tsit5": _tsit5}
+
+
+def interp_weights(tab: Tableau, theta: torch.Tensor) -> torch.Tensor:
+    """Weights ``(len(theta), stages + 1)`` for ``y0 + h * W @ K`` at step fractions ``theta``."""
+    return _KINDS[tab.interp](theta, tab, tab.stages)
