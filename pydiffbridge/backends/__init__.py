@@ -1,0 +1,1 @@
+"""Engines behind the one API: torch (native), scipy, julia. See base.py."""

@@ -1,0 +1,1 @@
+"""Benchmark problems and the runner behind ``python -m pydiffbridge bench``."""
