@@ -96,7 +96,9 @@ class Prepared:
         norm = _build_norm(self.tree, opts.pop("norm", None))
         for key in ("step_t", "jump_t"):
             if key in opts:
-                opts[key] = [float(v) for v in torch.as_tensor(opts[key]).reshape(-1).tolist()]
+                vals = opts[key]
+                vals = vals.detach().reshape(-1).tolist() if isinstance(vals, torch.Tensor) else vals
+                opts[key] = sorted(float(v) for v in vals)
         rtol_v = self.tree.flat_values(rtol, "rtol")
         atol_v = self.tree.flat_values(atol, "atol")
         self.spec = SolveSpec(self.method, rtol_v, atol_v, opts, norm)
@@ -138,7 +140,8 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
           options: dict | None = None, event_fn: Callable | None = None, backend: Any = "torch",
           gradient: str = "direct", adjoint_rtol: Any = None, adjoint_atol: Any = None,
           adjoint_method: str | None = None, adjoint_options: dict | None = None,
-          adjoint_params: Any = None, raise_on_failure: bool = False) -> Solution:
+          adjoint_params: Any = None, raise_on_failure: bool = False,
+          batch_dims: int | None = None) -> Solution:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` and report states at ``t``.
 
     Args:
@@ -149,6 +152,11 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
             adjoint).
         raise_on_failure: raise the matching exception instead of returning a non-success
             status.
+        batch_dims: number of leading batch dimensions of ``y0`` whose samples each get their
+            own adaptive step size, accept/reject, error norm and status (torch backend,
+            adaptive methods; see :mod:`pydiffbridge.solvers.batched`).  ``func`` then receives
+            ``t`` of the batch shape; ``t`` may be ``(m,)`` or ``batch_shape + (m,)``; stats
+            and status are per-sample tensors.
 
     Returns:
         A :class:`Solution`; ``ys`` has the structure of ``y0`` with a leading time dimension.
@@ -156,6 +164,12 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
     """
     if gradient not in GRADIENTS:
         raise E.InputError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    if batch_dims is not None:
+        from .solvers.batched import batched_solve
+
+        return batched_solve(func, y0, t, batch_dims=batch_dims, rtol=rtol, atol=atol,
+                             method=method, options=options, event_fn=event_fn, backend=backend,
+                             gradient=gradient, raise_on_failure=raise_on_failure)
     p = Prepared(func, y0, t, rtol, atol, method, options, event_fn, backend)
     if gradient == "auto":
         gradient = "direct" if p.backend.supports_direct_grad else "adjoint"

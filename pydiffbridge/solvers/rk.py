@@ -53,9 +53,11 @@ class StageEngine:
             self._buf = like.new_empty((self.s + 1, self.n))
         return self._buf
 
-    def step(self, f, t: float, y: torch.Tensor, f0: torch.Tensor, h: float):
-        """Return ``(y1, K, err)`` where ``K`` holds the stages (row ``s`` is left for
-        ``f(t1, y1)``; for FSAL tableaux it is filled here)."""
+    def step(self, f, t: float, y: torch.Tensor, f0: torch.Tensor, h: float,
+             t1_eval: float | None = None):
+        """Return ``(y1, K)`` where ``K`` holds the stages (row ``s`` is left for
+        ``f(t1, y1)``; for FSAL tableaux it is filled here).  ``t1_eval`` replaces the time of
+        the stages at ``c = 1`` (just before a discontinuity at the step's end)."""
         grad = torch.is_grad_enabled()
         K = self.new_matrix(y)
         ks = [f0]
@@ -64,7 +66,8 @@ class StageEngine:
         for i in range(1, self.s):
             prev = torch.stack(ks, 0) if grad else K[:i]
             yi = torch.addmv(y, prev.T, self.a[i], alpha=h)
-            ki = f(t + self.c[i] * h, yi)
+            ti = t1_eval if (t1_eval is not None and self.c[i] == 1.0) else t + self.c[i] * h
+            ki = f(ti, yi)
             ks.append(ki)
             if not grad:
                 K[i].copy_(ki)
@@ -166,9 +169,11 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
         hit_stop = abs(stop - tc) <= h * (1 + 1e-12)
         hs = (stop - tc) if hit_stop else direction * h
         t1 = stop if hit_stop else tc + hs
-        y1, K = eng.step(fc, tc, y, f0, hs)
+        at_jump = hit_stop and t1 in jump_set
+        t1_eval = math.nextafter(t1, tc) if at_jump else None
+        y1, K = eng.step(fc, tc, y, f0, hs, t1_eval)
         if eng.err_needs_end:
-            kend = fc(t1, y1)
+            kend = fc(t1_eval if at_jump else t1, y1)
             K[eng.s] = kend
         with torch.no_grad():
             err = eng.error(K, hs)
@@ -183,7 +188,7 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
         if accept:
             stats.accepted += 1
             if not tab.fsal and not eng.err_needs_end:
-                kend = fc(t1, y1)
+                kend = fc(t1_eval if at_jump else t1, y1)
                 K = _set_end(K, eng.s, kend)
             elif tab.fsal:
                 kend = K[eng.s]
@@ -205,7 +210,7 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
                         event_t=event_t)
             tc, y = t1, y1
             f0 = kend
-            if t1 in jump_set:
+            if at_jump:
                 f0 = fc(math.nextafter(t1, direction * math.inf), y1)
             if not bool(torch.isfinite(y1).all()):
                 status, message = Status.NONFINITE, f"the solution became NaN/Inf at t={t1:.6g}"
