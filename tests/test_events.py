@@ -68,3 +68,11 @@ def test_no_event_before_end_is_reported():
     sol = solve(lambda t, y: -y, torch.ones(1, dtype=D), torch.tensor([0.0, 1.0], dtype=D),
                 event_fn=lambda t, y: y[0] + 5.0)
     assert sol.status == Status.FAILED and "never crossed" in sol.message
+
+
+def test_event_with_fixed_grid_method_is_refused():
+    from pydiffbridge.errors import InputError
+
+    with pytest.raises(InputError, match="adaptive method"):
+        odeint(lambda t, y: -y, torch.ones(1, dtype=D), torch.tensor([0.0], dtype=D),
+               method="rk4", event_fn=lambda t, y: y[0] - 0.5)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import UnknownMethodError, UnknownOptionError
+from ..errors import InputError, UnknownMethodError, UnknownOptionError
 from ..solution import Solution
 from ..solvers.fixed import ADAMS, solve_fixed
 from ..solvers.rk import solve_adaptive
@@ -71,6 +71,9 @@ class TorchBackend:
             sol = solve_adaptive(func, y0, t, TABLEAUS[method], spec.rtol, spec.atol, norm, opts,
                                  event_fn)
         else:
+            if event_fn is not None:
+                raise InputError(f"event_fn needs an adaptive method ({', '.join(ADAPTIVE_METHODS)})"
+                                 f"; {method!r} steps on a fixed grid")
             sol = solve_fixed(func, y0, t, method, TABLEAUS.get(method), opts, norm, spec.rtol,
                               spec.atol)
         sol.backend, sol.method = "torch", method

@@ -83,7 +83,7 @@ def solve_fixed(f: Callable, y0: torch.Tensor, t: torch.Tensor, method: str, tab
 
     def fc(tt: float, yy):
         nfe[0] += 1
-        return f(torch.tensor(tt, dtype=tdtype, device=dev), yy)
+        return f(torch.scalar_tensor(tt, dtype=tdtype, device=dev), yy)
 
     grid_t = make_grid(f, y0, t, opts)
     grid = [float(v) for v in grid_t.tolist()]

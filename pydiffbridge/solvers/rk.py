@@ -113,7 +113,7 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
 
     def fc(tt: float, yy: torch.Tensor) -> torch.Tensor:
         nfe[0] += 1
-        return f(torch.tensor(tt, dtype=tdtype, device=tdev), yy)
+        return f(torch.scalar_tensor(tt, dtype=tdtype, device=tdev), yy)
 
     stats = Stats()
     jump_t = [float(v) for v in opts.get("jump_t", ())]
