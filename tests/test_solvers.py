@@ -250,3 +250,17 @@ def test_tolerance_proportionality(method):
                     rtol=tl, atol=tl)
         errs.append(np.abs(ys.numpy() - ref).max())
     assert errs[1] < errs[0] / 20, f"{method}: errors {errs}"
+
+
+@pytest.mark.parametrize("method", ADAPTIVE)
+def test_no_grad_path_matches_grad_path(method):
+    # without autograd the loop reuses its stage buffer; results must be identical
+    f, fn, y0, span = _vdp(1.0)
+    t = torch.linspace(*span, 7, dtype=D)
+    y0 = torch.tensor(y0, dtype=D)
+    a = solve(f, y0, t, method=method, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        b = solve(f, y0, t, method=method, rtol=1e-6, atol=1e-6)
+    assert a.stats.rejected > 0
+    assert a.stats.as_dict() == b.stats.as_dict()
+    assert torch.equal(a.ys, b.ys)

@@ -191,7 +191,9 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
                 kend = fc(t1_eval if at_jump else t1, y1)
                 K = _set_end(K, eng.s, kend)
             elif tab.fsal:
-                kend = K[eng.s]
+                # K is a reused buffer without autograd: copy, or a rejected next step would
+                # overwrite f0 (K[s]) with the rejected step's last stage
+                kend = K[eng.s] if torch.is_grad_enabled() else K[eng.s].clone()
             # dense output for requested times in (tc, t1]
             j0 = out_idx
             while out_idx < m and (ts[out_idx] - t1) * direction <= 0:
