@@ -8,6 +8,7 @@ failure; ``solve`` returns a :class:`~pydiffbridge.solution.Solution` with stats
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -173,6 +174,12 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
     p = Prepared(func, y0, t, rtol, atol, method, options, event_fn, backend)
     if gradient == "auto":
         gradient = "direct" if p.backend.supports_direct_grad else "adjoint"
+        if (gradient == "adjoint" and adjoint_params is None and torch.is_grad_enabled()
+                and not isinstance(func, torch.nn.Module)):
+            warnings.warn(
+                f"func is not an nn.Module: on backend {p.backend.name!r} gradients reach y0 and t"
+                " but no tensors captured by func; pass an nn.Module or use odeint_adjoint(..., "
+                "adjoint_params=...)", E.GradientWarning, stacklevel=3)
     if gradient == "direct" and not p.backend.supports_direct_grad:
         if torch.is_grad_enabled() and _needs_grad(p, func, adjoint_params):
             raise E.InputError(f"backend {p.backend.name!r} cannot backpropagate directly; use "

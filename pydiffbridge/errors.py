@@ -25,6 +25,7 @@ __all__ = [
     "MaxStepsExceededError",
     "BackendUnavailableError",
     "JuliaUnavailableError",
+    "GradientWarning",
 ]
 
 
@@ -79,3 +80,7 @@ class BackendUnavailableError(PyDiffBridgeError, ImportError):
 
 class JuliaUnavailableError(BackendUnavailableError):
     """Julia (via juliacall) is not installed or could not be started/installed."""
+
+
+class GradientWarning(UserWarning):
+    """Gradients will not reach some tensors the user may expect them to reach."""

@@ -20,7 +20,8 @@ def decay(t, y):
 
 def test_all_errors_share_the_base_class():
     for name in E.__all__:
-        assert issubclass(getattr(E, name), E.PyDiffBridgeError)
+        if name != "GradientWarning":
+            assert issubclass(getattr(E, name), E.PyDiffBridgeError)
     assert issubclass(E.InputError, ValueError)
     assert issubclass(E.SolverError, RuntimeError)
     assert issubclass(E.BackendUnavailableError, ImportError)

@@ -264,3 +264,25 @@ def test_no_grad_path_matches_grad_path(method):
     assert a.stats.rejected > 0
     assert a.stats.as_dict() == b.stats.as_dict()
     assert torch.equal(a.ys, b.ys)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3", "dopri8"])
+def test_direct_backprop_time_gradients(method):
+    # gradcheck w.r.t. every output time, the first included, on a non-autonomous problem;
+    # output times that coincide with step ends (dopri8 lands on them) included
+    def f(t, y):
+        return torch.stack([y[1], -y[0] + torch.sin(2 * t)])
+
+    y0 = torch.tensor([1.0, 0.5], dtype=D)
+    t = torch.tensor([0.1, 0.7, 1.6], dtype=D, requires_grad=True)
+    tol = 1e-8 if method == "bosh3" else 1e-11
+    assert torch.autograd.gradcheck(
+        lambda tt: odeint(f, y0, tt, method=method, rtol=tol, atol=tol), (t,), atol=1e-5)
+
+
+def test_fixed_grid_refuses_time_gradients():
+    from pydiffbridge.errors import InputError
+
+    t = torch.tensor([0.0, 1.0], dtype=D, requires_grad=True)
+    with pytest.raises(InputError, match="odeint_adjoint"):
+        odeint(lambda t, y: -y, torch.ones(1, dtype=D), t, method="rk4")

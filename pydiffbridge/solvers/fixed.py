@@ -85,6 +85,12 @@ def solve_fixed(f: Callable, y0: torch.Tensor, t: torch.Tensor, method: str, tab
         nfe[0] += 1
         return f(torch.scalar_tensor(tt, dtype=tdtype, device=dev), yy)
 
+    if t.requires_grad and torch.is_grad_enabled():
+        from ..errors import InputError
+
+        raise InputError("gradients with respect to t are not available through fixed-grid "
+                         "methods with direct backprop (the grid is built from t); use "
+                         "odeint_adjoint / gradient='adjoint', or an adaptive method")
     grid_t = make_grid(f, y0, t, opts)
     grid = [float(v) for v in grid_t.tolist()]
     ts = [float(v) for v in t.tolist()]

@@ -111,8 +111,16 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
     tdev = y0.device
     nfe = [0]
 
+    # Differentiable output times under direct backprop: time runs as tau = t - t[0] in
+    # floats, and the tensor t[0] re-enters through func's time argument and the output
+    # fractions, so that d/dt_j and d/dt_0 flow as they should.
+    tgrad = t.requires_grad and torch.is_grad_enabled()
+    t_first = t[0].to(tdtype) if tgrad else None
+
     def fc(tt: float, yy: torch.Tensor) -> torch.Tensor:
         nfe[0] += 1
+        if tgrad:
+            return f(t_first + torch.scalar_tensor(tt - t0, dtype=tdtype, device=tdev), yy)
         return f(torch.scalar_tensor(tt, dtype=tdtype, device=tdev), yy)
 
     stats = Stats()
@@ -199,7 +207,7 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
             while out_idx < m and (ts[out_idx] - t1) * direction <= 0:
                 out_idx += 1
             if out_idx > j0:
-                _fill(outputs, j0, out_idx, ts, t, tc, t1, hs, y, y1, K, tab)
+                _fill(outputs, j0, out_idx, ts, t, tc, t1, hs, y, y1, K, tab, tgrad)
             if events is not None:
                 ev = events.check(tc, t1, hs, y, y1, K, tab)
                 if ev is not None:
@@ -258,9 +266,13 @@ def _set_end(K: torch.Tensor, s: int, kend: torch.Tensor) -> torch.Tensor:
     return K
 
 
-def _fill(outputs, j0, j1, ts, t, tc, t1, hs, y, y1, K, tab):
-    theta = (t[j0:j1].to(y.dtype if not y.is_complex() else torch.float64) - tc) / hs
-    exact = [ts[j] == t1 for j in range(j0, j1)]
+def _fill(outputs, j0, j1, ts, t, tc, t1, hs, y, y1, K, tab, tgrad=False):
+    rdt = y.real.dtype
+    if tgrad:  # keep d/dt_j and d/dt_0 (see solve_adaptive)
+        theta = ((t[j0:j1] - t[0]).to(rdt) - (tc - ts[0])) / hs
+    else:
+        theta = (t[j0:j1].to(rdt) - tc) / hs
+    exact = [ts[j] == t1 and not tgrad for j in range(j0, j1)]
     W = interp_weights(tab, theta.to(K.real.dtype if K.is_complex() else K.dtype))
     if K.is_complex():
         W = W.to(K.dtype)
