@@ -7,10 +7,11 @@ only re-exports; it never imports juliacall.
 
 from . import errors
 from .api import odeint, odeint_adjoint, odeint_event, solve
+from .ensemble import solve_ensemble
 from .errors import *  # noqa: F403
 from .solution import Solution, Stats, Status
 
 __version__ = "0.1.0"
 
-__all__ = ["odeint", "odeint_adjoint", "odeint_event", "solve", "Solution", "Stats", "Status",
+__all__ = ["odeint", "odeint_adjoint", "odeint_event", "solve", "solve_ensemble", "Solution", "Stats", "Status",
            "errors", "__version__", *errors.__all__]

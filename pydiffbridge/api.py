@@ -88,6 +88,8 @@ class Prepared:
         if not bool(torch.isfinite(self.y0).all()):
             raise E.NonFiniteError("y0 contains NaN or Inf")
         self.t = _check_t(t, self.y0, needs_two=event_fn is None)
+        if method == "scipy_solver" and backend == "torch":
+            backend = "scipy"  # torchdiffeq's spelling; the SciPy backend reads options["solver"]
         self.backend = get_backend(backend)
         self.method = self.backend.resolve_method(method)
         opts = dict(options or {})
