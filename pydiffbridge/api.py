@@ -21,7 +21,7 @@ from .solution import Solution, Status
 
 __all__ = ["odeint", "odeint_adjoint", "odeint_event", "solve"]
 
-GRADIENTS = ("direct", "adjoint", "checkpointed", "auto")
+GRADIENTS = ("direct", "adjoint", "checkpointed", "interpolated", "auto")
 _STATUS_ERRORS = {
     Status.MAX_STEPS: E.MaxStepsExceededError,
     Status.STEP_UNDERFLOW: E.StepSizeUnderflowError,
@@ -151,8 +151,11 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
         gradient: ``"direct"`` backprop through the solver's operations (torch backend),
             ``"adjoint"`` (O(1) memory, through the bridge autograd.Function, any backend),
             ``"checkpointed"`` (adjoint that re-solves forward from saved states: stable on
-            dissipative problems), or ``"auto"`` (direct where the backend allows it, else
-            adjoint).
+            dissipative problems), ``"interpolated"`` (interpolating adjoint: records the
+            forward states densely and back-solves only the adjoint, with the state from cubic
+            Hermite interpolation; stable on stiff problems, with stiff ``adjoint_method``s too;
+            see :mod:`pydiffbridge.adjoint_interp`), or ``"auto"`` (direct where the backend
+            allows it, else adjoint).
         raise_on_failure: raise the matching exception instead of returning a non-success
             status.
         batch_dims: number of leading batch dimensions of ``y0`` whose samples each get their
@@ -191,6 +194,12 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
     elif gradient == "direct" or not torch.is_grad_enabled() or not _needs_grad(
             p, func, adjoint_params):
         sol = p.backend.solve(p.func, p.y0, p.t, p.spec, p.event_fn)
+    elif gradient == "interpolated":
+        from .adjoint_interp import interp_solve
+
+        sol = interp_solve(p, _adjoint_params(func, adjoint_params),
+                           p.adjoint_spec(adjoint_rtol, adjoint_atol, adjoint_method,
+                                          adjoint_options))
     else:
         from .adjoint import bridge_solve
 

@@ -1,0 +1,373 @@
+"""``python -m pydiffbridge bench`` / ``pydiffbridge-bench``: solvers side by side.
+
+For every problem × solver × method × tolerance: NFE, steps, median wall time over
+``--repeats`` runs (after one warm-up), error against the problem's own reference, peak memory
+and the solver overhead per step, ``(time - NFE * t_func) / steps`` with ``t_func`` the
+measured cost of one call of the right-hand side.  Writes ``results.md``, ``results.json`` and
+``work_precision.png`` (error vs time over the tolerance sweep) to ``--out``.
+
+Solvers: ours on each available backend (``torch`` with ``--batch-mode shared`` and/or
+``per-sample`` stepping, ``scipy``, ``julia``), and the peers torchdiffeq and torchode when
+installed.  NFE and steps of per-sample solvers (ours per-sample, torchode) are those of the
+batch loop: the maximum over samples (``steps_mean`` gives the mean).  torchdiffeq reports no
+step count: its steps are derived from NFE for FSAL methods, ``(nfe - 2) / 6``.
+
+Memory: on CUDA the peak allocated memory of a timed run; on CPU (no allocator statistics)
+the memory that direct backprop saves for backward, measured in one extra run with autograd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .problems import PROBLEMS, Problem, make_problem
+
+__all__ = ["main", "run_bench"]
+
+PRESETS = {
+    "issue2": dict(problems="mlp", methods="dopri5,tsit5", tols="1e-3,1e-6,1e-9",
+                   backends="torch", peers="torchdiffeq,torchode", batch_mode="shared",
+                   threads=1),
+    "vdp": dict(problems="vdp", methods="dopri5,tsit5", tols="1e-5,1e-7", backends="torch",
+                peers="torchode", batch_mode="both"),
+}
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _counting(func: Callable) -> tuple[Callable, list[int]]:
+    n = [0]
+
+    def f(t, y):
+        n[0] += 1
+        return func(t, y)
+
+    return f, n
+
+
+def _as_int(v, how="max") -> int:
+    if isinstance(v, torch.Tensor):
+        return int(v.max()) if how == "max" else float(v.float().mean())
+    return int(v)
+
+
+def solver_table(p: Problem, backends: list[str], peers: list[str], batch_mode: str,
+                 compile_step: bool = False) -> dict[str, Callable]:
+    """``{label: run(method, tol) -> (ys (T, B, d), nfe, steps, steps_mean)}``."""
+    import pydiffbridge as pdb
+
+    out: dict[str, Callable] = {}
+    big = {"max_num_steps": 10**6}
+    for be in backends:
+        modes = ["shared", "per-sample"] if batch_mode == "both" else [batch_mode]
+        for mode in modes if be == "torch" else ["shared"]:
+            label = f"ours-{be}" + ("/per-sample" if mode == "per-sample" else "")
+
+            def run(method, tol, be=be, mode=mode):
+                opts = dict(big)
+                if mode == "per-sample" and compile_step:
+                    opts["compile"] = True
+                s = pdb.solve(p.func, p.y0, p.t, rtol=tol, atol=tol, method=method, backend=be,
+                              options=opts, batch_dims=1 if mode == "per-sample" else None)
+                if not s.success:
+                    raise RuntimeError(s.message)
+                return s.ys, _as_int(s.stats.nfe), _as_int(s.stats.steps), \
+                    _as_int(s.stats.steps, "mean")
+
+            out[label] = run
+    if "torchdiffeq" in peers:
+        try:
+            import torchdiffeq
+        except ImportError:
+            torchdiffeq = None
+        if torchdiffeq is not None:
+            def run_tdq(method, tol):
+                f, n = _counting(p.func)
+                ys = torchdiffeq.odeint(f, p.y0, p.t, rtol=tol, atol=tol, method=method)
+                steps = (n[0] - 2) / 6 if method in ("dopri5", "tsit5") else float("nan")
+                return ys, n[0], steps, steps
+
+            out["torchdiffeq"] = run_tdq
+    if "torchode" in peers:
+        try:
+            import torchode
+        except ImportError:
+            torchode = None
+        if torchode is not None:
+            def run_to(method, tol):
+                term = torchode.ODETerm(p.func)
+                step = {"dopri5": torchode.Dopri5, "tsit5": torchode.Tsit5}[method](term=term)
+                ctrl = torchode.IntegralController(atol=tol, rtol=tol, term=term)
+                solver = torchode.AutoDiffAdjoint(step, ctrl, max_steps=10**6)
+                B = p.y0.shape[0]
+                sol = solver.solve(torchode.InitialValueProblem(
+                    y0=p.y0, t_eval=p.t.expand(B, -1)))
+                if not bool((sol.status == 0).all()):
+                    raise RuntimeError(f"torchode status {sol.status.unique().tolist()}")
+                return sol.ys.transpose(0, 1), _as_int(sol.stats["n_f_evals"]), \
+                    _as_int(sol.stats["n_steps"]), _as_int(sol.stats["n_steps"], "mean")
+
+            out["torchode"] = run_to
+    return out
+
+
+def _func_time(p: Problem, device: str, n: int = 50) -> float:
+    y = p.y0
+    t = p.t[0]
+    with torch.no_grad():
+        for _ in range(3):
+            p.func(t, y)
+        _sync(device)
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            p.func(t, y)
+            _sync(device)
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def _memory_mb(run: Callable, method: str, tol: float, p: Problem, device: str) -> float | None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            run(method, tol)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    seen: dict[int, int] = {}
+
+    def pack(x):
+        try:
+            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):
+            pass
+        return x
+
+    y0 = p.y0
+    p.y0 = y0.detach().clone().requires_grad_(True)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            run(method, tol)
+    except Exception:  # noqa: BLE001 - e.g. an engine that cannot backpropagate directly
+        return None
+    finally:
+        p.y0 = y0
+    return sum(seen.values()) / 2**20
+
+
+def run_bench(args: argparse.Namespace) -> dict:
+    """Run the configured sweep; returns ``{"meta": ..., "rows": [...]}``."""
+    from tqdm.auto import tqdm
+
+    from ..backends.base import available_backends
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    avail = available_backends()
+    backends = [b for b in args.backends.split(",") if b]
+    skipped = {b: avail.get(b, "unknown backend") for b in backends if avail.get(b, "?") != ""}
+    backends = [b for b in backends if b not in skipped]
+    peers = [q for q in args.peers.split(",") if q]
+    methods = args.methods.split(",")
+    tols = [float(x) for x in args.tols.split(",")]
+    rows = []
+    problems = [make_problem(name, args.device) for name in args.problems.split(",")]
+    groups = []
+    for p in problems:
+        table = solver_table(p, backends, peers, args.batch_mode, args.compile)
+        for method in methods:
+            for tol in tols:
+                groups.append((p, method, tol, table))
+    # solvers of one (problem, method, tol) group are timed round-robin, so that a change in
+    # machine load hits them alike; the cost of one func call is re-measured per group
+    for p, method, tol, table in tqdm(groups, desc="bench", disable=args.no_progress):
+        res: dict[str, dict] = {}
+        times: dict[str, list[float]] = {}
+        with torch.no_grad():
+            for label, run in table.items():
+                res[label] = dict(problem=p.name, solver=label, method=method, tol=tol)
+                try:
+                    run(method, tol)  # warm-up (and compilation, where asked)
+                    times[label] = []
+                except Exception as exc:  # noqa: BLE001 - a failing solver is a result
+                    res[label]["skipped"] = f"{type(exc).__name__}: {str(exc)[:90]}"
+            ftime = _func_time(p, args.device)
+            for _ in range(args.repeats):
+                for label in times:
+                    run = table[label]
+                    _sync(args.device)
+                    t0 = time.perf_counter()
+                    ys, nfe, steps, steps_mean = run(method, tol)
+                    _sync(args.device)
+                    times[label].append(time.perf_counter() - t0)
+                    res[label].update(nfe=nfe, steps=steps, steps_mean=steps_mean,
+                                      error=p.error(ys), func_call_s=ftime)
+        for label, r in res.items():
+            if label in times:
+                med = statistics.median(times[label])
+                steps = r["steps"]
+                r["time_s"] = med
+                r["overhead_per_step_s"] = ((med - r["nfe"] * ftime) / steps
+                                            if steps and steps == steps else None)
+                r["mem_mb"] = (_memory_mb(table[label], method, tol, p, args.device)
+                               if args.memory else None)
+            rows.append(r)
+    meta = dict(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                torch=torch.__version__, python=platform.python_version(),
+                threads=torch.get_num_threads(), device=args.device, repeats=args.repeats,
+                skipped_backends=skipped, argv=sys.argv[1:],
+                problems={p.name: p.description for p in problems})
+    return {"meta": meta, "rows": rows}
+
+
+def _fmt(v, spec=".3g") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return format(v, spec) if isinstance(v, float) else str(v)
+
+
+def to_markdown(res: dict) -> str:
+    meta, rows = res["meta"], res["rows"]
+    lines = [f"# pydiffbridge benchmark ({meta['date']})", "",
+             f"torch {meta['torch']}, {meta['threads']} thread(s), device {meta['device']}, "
+             f"median of {meta['repeats']} run(s).", ""]
+    for name, desc in meta["problems"].items():
+        lines += [f"## {name}: {desc}", "",
+                  "| solver | method | tol | NFE | steps | time (s) | error | mem (MB) | "
+                  "overhead/step (µs) | time vs torchdiffeq | overhead vs torchdiffeq |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        sub = [r for r in rows if r["problem"] == name]
+        ref = {(r["method"], r["tol"]): r for r in sub if r["solver"] == "torchdiffeq"
+               and "skipped" not in r}
+        for r in sub:
+            if "skipped" in r:
+                lines.append(f"| {r['solver']} | {r['method']} | {r['tol']:g} | skipped: "
+                             f"{r['skipped']} |||||||")
+                continue
+            q = ref.get((r["method"], r["tol"]))
+            tr = r["time_s"] / q["time_s"] if q else None
+            orat = (r["overhead_per_step_s"] / q["overhead_per_step_s"]
+                    if q and r["overhead_per_step_s"] and q["overhead_per_step_s"] else None)
+            steps = _fmt(r["steps"], ".0f") if isinstance(r["steps"], float) else r["steps"]
+            if r.get("steps_mean") not in (None, r["steps"]) and isinstance(r["steps"], int):
+                steps = f"{r['steps']} (mean {r['steps_mean']:.0f})"
+            over = r["overhead_per_step_s"]
+            lines.append(
+                f"| {r['solver']} | {r['method']} | {r['tol']:g} | {r['nfe']} | {steps} | "
+                f"{r['time_s']:.4g} | {_fmt(r['error'], '.2e')} | {_fmt(r['mem_mb'], '.2f')} | "
+                f"{_fmt(over * 1e6 if over is not None else None, '.1f')} | "
+                f"{_fmt(tr, '.2f')} | {_fmt(orat, '.2f')} |")
+        pairs = [(a, b) for a in sub for b in sub if a["solver"] == "ours-torch/per-sample"
+                 and b["solver"] == "ours-torch" and a["method"] == b["method"]
+                 and a["tol"] == b["tol"] and "skipped" not in a and "skipped" not in b]
+        if pairs:
+            lines += ["", "per-sample vs shared stepping (ours-torch):", ""]
+            for a, b in pairs:
+                lines.append(f"- {a['method']} tol {a['tol']:g}: steps {a['steps']}/{b['steps']}"
+                             f" = {a['steps'] / b['steps']:.2f}× (mean per sample "
+                             f"{a['steps_mean'] / b['steps']:.2f}×), time "
+                             f"{a['time_s'] / b['time_s']:.2f}×")
+        lines.append("")
+    if meta["skipped_backends"]:
+        lines.append("Backends not available: " + "; ".join(
+            f"{k} ({v})" for k, v in meta["skipped_backends"].items()))
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(res["meta"]["problems"])
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        groups: dict = {}
+        for r in res["rows"]:
+            if r["problem"] == name and "skipped" not in r and r["error"] > 0 \
+                    and math.isfinite(r["error"]):
+                groups.setdefault(f"{r['solver']} {r['method']}", []).append(
+                    (r["time_s"], r["error"]))
+        for lab, pts in groups.items():
+            pts.sort()
+            ax.loglog([x for x, _ in pts], [y for _, y in pts], "o-", label=lab)
+        ax.set(title=name, xlabel="median time (s)", ylabel="relative error")
+        ax.grid(True, which="both", alpha=0.3)
+        if groups:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pydiffbridge bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration (issue2: "
+                    "MLP ours vs torchdiffeq/torchode, one thread; vdp: per-sample vs shared); "
+                    "explicit flags override it")
+    ap.add_argument("--problems", default=",".join(PROBLEMS), help="comma list of: " +
+                    ", ".join(PROBLEMS))
+    ap.add_argument("--backends", default="torch,scipy,julia",
+                    help="our backends (missing ones are skipped)")
+    ap.add_argument("--peers", default="torchdiffeq,torchode", help="peer libraries ('' none)")
+    ap.add_argument("--methods", default="dopri5,tsit5")
+    ap.add_argument("--tols", default="1e-3,1e-6", help="rtol = atol sweep")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--batch-mode", choices=["shared", "per-sample", "both"], default="shared",
+                    help="our torch backend: one step size for the batch, or one per sample")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our per-sample step")
+    ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
+                    help="measure memory in one extra run (default: on for CUDA; on CPU it "
+                    "records what direct backprop saves, which is slow at tight tolerances)")
+    ap.add_argument("--out", default="runs/bench", help="output directory")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m pydiffbridge bench`` and ``pydiffbridge-bench``."""
+    ap = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = ap.parse_known_args(argv)[0].preset
+    if pre:
+        ap.set_defaults(**PRESETS[pre])
+    args = ap.parse_args(argv)
+    if args.memory is None:
+        args.memory = args.device.startswith("cuda")
+    bad = [n for n in args.problems.split(",") if n not in PROBLEMS]
+    if bad:
+        ap.error(f"unknown problem(s) {bad}; choose from {', '.join(PROBLEMS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = run_bench(args)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    md = to_markdown(res)
+    (out / "results.md").write_text(md)
+    plot(res, out / "work_precision.png")
+    print(md)
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'work_precision.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    raise SystemExit(main())

@@ -1,0 +1,433 @@
+"""Per-sample adaptive stepping: every sample of a batch gets its own step size.
+
+The state has a leading batch dimension ``B`` (flattened here to ``y`` of shape ``(B, n)``).
+Each sample keeps its own time, step size, accept/reject decision, error norm (RMS over the
+sample's components), status and stats; a sample that has finished (or failed) is masked
+out: its step size is zero, so its state and time no longer change and its stats stop.
+
+The loop is branch-free: every decision is a ``torch.where`` on per-sample tensors, so on
+CUDA nothing is copied to the host inside a step; the only host synchronisation is the
+"anyone still running?" check every ``sync_every`` steps (default 1 on CPU, where it is
+free, and 8 on CUDA).  Stage combinations are one ``tensordot`` + one ``addcmul`` per stage.
+
+Dense output reuses :func:`~pydiffbridge.solvers.interp.interp_weights`.  To stay branch-free
+a step never covers more than ``max_outputs_per_step`` pending output times (default 8): a
+step that would pass more lands on the last of them.  The final time is always landed on.
+
+``func(t, y)`` receives ``t`` as a tensor of shape ``batch_shape`` (each sample's own time).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..solution import Solution, Stats, Status
+from .interp import interp_weights
+from .tableaus import Tableau
+
+__all__ = ["solve_batched", "BATCHED_OPTIONS"]
+
+RUNNING = -1
+BATCHED_OPTIONS = {"dtype", "max_num_steps", "first_step", "min_step", "max_step", "safety",
+                   "ifactor", "dfactor", "pcoeff", "icoeff", "dcoeff", "sync_every",
+                   "max_outputs_per_step", "compile"}
+
+
+class _Batched:
+    """One solve's constants and its (pure) step function."""
+
+    def __init__(self, f: Callable, tab: Tableau, y0: torch.Tensor, rtol, atol, opts: dict,
+                 parts: list[int] | None, tdtype: torch.dtype):
+        self.f, self.tab, self.s = f, tab, tab.stages
+        kw = dict(dtype=y0.real.dtype if y0.is_complex() else y0.dtype, device=y0.device)
+        self.a = [torch.tensor(r, **kw) if r else None for r in tab.a]
+        self.b = torch.tensor(tab.b, **kw)
+        self.e = torch.tensor(tab.e, **kw)
+        self.e3 = torch.tensor(tab.e3, **kw) if tab.e3 is not None else None
+        self.c, self.rtol, self.atol, self.parts, self.tdtype = tab.c, rtol, atol, parts, tdtype
+        self.err_needs_end = len(tab.e) > self.s
+        g = lambda k, d: float(opts.get(k, d))  # noqa: E731
+        self.safety, self.ifactor, self.dfactor = g("safety", 0.9), g("ifactor", 10.0), \
+            g("dfactor", 0.2)
+        self.p, self.i, self.d = g("pcoeff", 0.0), g("icoeff", 1.0), g("dcoeff", 0.0)
+        self.min_step, self.max_step = g("min_step", 0.0), g("max_step", math.inf)
+        # every dense-output weight is a polynomial of degree <= 5 in theta: fit its
+        # coefficients once from interp_weights so a step's weights are one matmul
+        nodes = torch.linspace(0.0, 1.0, 6, dtype=torch.float64)
+        V = nodes[:, None] ** torch.arange(6, dtype=torch.float64)
+        self.P = torch.linalg.solve(V, interp_weights(tab, nodes)).to(**kw)
+        self.pows = torch.arange(6, device=y0.device, dtype=kw["dtype"])
+        self._K: torch.Tensor | None = None
+
+    def weights(self, theta: torch.Tensor) -> torch.Tensor:
+        """``interp_weights(tab, theta)`` from the fitted coefficients."""
+        return (theta[..., None] ** self.pows) @ self.P
+
+    def fc(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.f(t.to(self.tdtype), y)
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample RMS (max over the parts of a tuple state): ``(B, n) -> (B,)``."""
+        x = x.abs() if x.is_complex() else x
+        if self.parts is None:
+            return torch.linalg.vector_norm(x, dim=1).mul_(1 / math.sqrt(x.shape[1]))
+        return torch.stack([torch.linalg.vector_norm(p, dim=1) / math.sqrt(p.shape[1])
+                            for p in torch.split(x, self.parts, dim=1)]).amax(0)
+
+    def initial_step(self, t0, y0, f0, direction):
+        """Hairer I, Sec. II.4 (a)-(f), per sample; one evaluation of ``f``."""
+        sc = y0.abs() * self.rtol + self.atol
+        d0, d1 = self.norm(y0 / sc), self.norm(f0 / sc)
+        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+        h0 = h0.to(t0.dtype)
+        f1 = self.fc(t0 + direction * h0, y0 + (direction * h0).to(y0.dtype)[:, None] * f0)
+        d2 = self.norm((f1 - f0) / sc).to(t0.dtype) / h0
+        big = torch.maximum(d1.to(t0.dtype), d2)
+        h1 = torch.where(big <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6),
+                         (0.01 / big) ** (1.0 / self.tab.order))
+        h = torch.minimum(100 * h0, h1)
+        return torch.where(torch.isfinite(big), h, h0)
+
+    def next_h(self, h, ratio, prev, prev2):
+        """Vectorised :class:`~pydiffbridge.solvers.controller.Controller`: growth in
+        ``[1, ifactor]`` after an error ratio below 1, shrinkage in ``[dfactor, 1]`` otherwise
+        (a NaN ratio counts as infinite)."""
+        k = float(self.tab.order)
+        r = torch.nan_to_num(ratio, nan=math.inf)
+        factor = r.pow(-(self.i + self.p + self.d) / k).mul_(self.safety)
+        if self.p or self.d:
+            factor = factor * prev ** ((self.p + 2 * self.d) / k) * prev2 ** (-self.d / k)
+        factor = torch.where(r < 1, factor.clamp(1.0, self.ifactor),
+                             factor.clamp(self.dfactor, 1.0))
+        return (h * factor).clamp_(self.min_step, self.max_step)
+
+    # -- one step for the whole batch -----------------------------------------------------
+    def step(self, tc, y, f0, hs, t1):
+        """Stages, solution, error ratio and ``f(t1, y1)`` for per-sample steps ``hs``.
+
+        Without autograd the stages go into one reused ``(s+1, B, n)`` buffer; with autograd
+        they are stacked afresh so nothing saved for backward is overwritten."""
+        hy = hs.to(y.real.dtype if y.is_complex() else y.dtype)[:, None]
+        grad = torch.is_grad_enabled()
+        if grad:
+            ks = [f0]
+        else:
+            if self._K is None or self._K.shape[1:] != y.shape or self._K.dtype != y.dtype:
+                self._K = y.new_empty((self.s + 1, *y.shape))
+            K = self._K
+            K[0].copy_(f0)
+        yi = y
+        K2 = None if grad else K.view(self.s + 1, -1)  # stage i is row i of (s+1, B*n)
+        for i in range(1, self.s):
+            acc = torch.tensordot(self.a[i], torch.stack(ks), dims=1) if grad else \
+                torch.mv(K2[:i].t(), self.a[i]).view(y.shape)
+            yi = torch.addcmul(y, hy, acc)
+            ki = self.fc(torch.add(tc, hs, alpha=self.c[i]), yi)
+            if grad:
+                ks.append(ki)
+            else:
+                K[i].copy_(ki)
+        if not self.tab.fsal:
+            comb = torch.tensordot(self.b, torch.stack(ks), dims=1) if grad else \
+                torch.mv(K2[: self.s].t(), self.b).view(y.shape)
+            y1 = torch.addcmul(y, hy, comb)
+            kend = self.fc(t1, y1)
+        else:
+            y1 = yi
+            kend = ks[-1] if grad else K[self.s - 1]
+        if grad:
+            K = torch.stack(ks + [kend])
+        elif not self.tab.fsal:
+            K[self.s].copy_(kend)
+        else:
+            K[self.s].copy_(K[self.s - 1])
+        kend = K[self.s]
+        with torch.no_grad():
+            sc = torch.maximum(y.abs(), y1.abs()).mul_(self.rtol).add_(self.atol)
+            habs = hs.abs().to(sc.dtype)
+            Kf = K.reshape(self.s + 1, -1)
+            err = torch.mv(Kf[: len(self.e)].t(), self.e).view(y.shape).div_(sc)
+            if self.e3 is None:
+                ratio = self.norm(err).mul_(habs)
+            else:  # DOP853's combined 5th/3rd-order estimate
+                e3 = torch.mv(Kf[: len(self.e3)].t(), self.e3).view(y.shape).div_(sc)
+                e5n, e3n = self.norm(err) * habs, self.norm(e3) * habs
+                den = torch.sqrt(e5n * e5n + 0.01 * e3n * e3n)
+                ratio = torch.where(den == 0, torch.zeros_like(den), e5n * e5n / den)
+        return y1, K, kend, ratio
+
+
+def solve_batched(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, tab: Tableau, rtol: Any,
+                  atol: Any, opts: dict, parts: list[int] | None = None,
+                  tdtype: torch.dtype = torch.float64) -> Solution:
+    """Integrate ``dy/dt = f(t, y)`` for ``y0`` of shape ``(B, n)``, each sample on its own.
+
+    Args:
+        f: ``f(t, y)`` with ``t`` of shape ``(B,)`` and ``y`` of shape ``(B, n)``.
+        t_out: output times of shape ``(B, m)``, each row strictly monotonic.
+        rtol, atol: floats or tensors broadcastable to ``(B, n)``.
+        parts: component sizes of a tuple state (the error norm is the max of their RMS).
+
+    Returns:
+        A :class:`Solution` with ``ys`` of shape ``(m, B, n)``, ``ts = t_out``, per-sample
+        ``stats`` (integer tensors of shape ``(B,)``) and ``status`` (a tensor of codes).
+    """
+    B, n = y0.shape
+    m = t_out.shape[1]
+    dev = y0.device
+    eng = _Batched(f, tab, y0, rtol, atol, opts, parts, tdtype)
+    T = t_out.to(torch.float64)
+    t0, t_end = T[:, 0], T[:, -1]
+    direction = torch.where(t_end >= t0, 1.0, -1.0).to(torch.float64)
+    span = (t_end - t0).abs()
+    max_steps = int(opts.get("max_num_steps", 100_000))
+    sync_every = int(opts.get("sync_every", 8 if dev.type == "cuda" else 1))
+    host_free = dev.type == "cpu" and sync_every == 1 and not opts.get("compile")
+    kmax = max(1, min(m - 1, int(opts.get("max_outputs_per_step", 8))))
+    if tab.interp == "hermite" and tab.order >= 5:
+        kmax = 1  # third-order Hermite would spoil a high-order method: land on outputs
+    step = eng.step
+    if opts.get("compile"):
+        step = torch.compile(eng.step, dynamic=False)
+
+    nsteps = torch.zeros(B, dtype=torch.long, device=dev)
+    nacc = nsteps.clone()
+    status = torch.where(t_end != t0, RUNNING, int(Status.SUCCESS)).to(torch.long)
+    ar = torch.arange(B, device=dev)
+    dense = m > 2  # with only [t0, t_end] the end state is written once, after the loop
+    if dense:
+        # rows [0, m*B) hold the outputs (time-major); kmax*B spare rows absorb masked writes
+        ys = torch.full((m * B + kmax * B, n), float("nan"), dtype=y0.dtype, device=dev)
+        ys.index_copy_(0, ar, y0)
+        idx = torch.ones(B, dtype=torch.long, device=dev)
+        jk = torch.arange(kmax, device=dev)[None, :]
+        spare = m * B + jk * B + ar[:, None]
+    f0 = eng.fc(t0, y0)
+    status = torch.where((status == RUNNING) & ~torch.isfinite(f0).all(1), int(Status.NONFINITE),
+                         status)
+    running = status == RUNNING
+    n_init = 1 + (running & (opts.get("first_step") is None)).long()
+    with torch.no_grad():
+        if opts.get("first_step") is not None:
+            h = torch.full((B,), abs(float(opts["first_step"])), dtype=torch.float64, device=dev)
+        else:
+            h = eng.initial_step(t0, y0.detach(), f0.detach(), direction).abs()
+        h = h.clamp(eng.min_step, eng.max_step)
+    prev = torch.ones(B, dtype=torch.float64, device=dev)
+    prev2 = prev
+    last_nonfinite = torch.zeros(B, dtype=torch.bool, device=dev)
+    eps10 = 10 * torch.finfo(torch.float64).eps
+    tiny = eps10 * span  # ~10 ulp of the time scale
+    tc, y = t0, y0
+    it = 0
+    while True:
+        if it % sync_every == 0 and not bool(running.any()):
+            break
+        it += 1
+        # where to stop: the final time, or the kmax-th pending output time
+        stop = T.gather(1, torch.clamp(idx + (kmax - 1), max=m - 1)[:, None])[:, 0] \
+            if dense else t_end
+        hit = (stop - tc) * direction <= h * (1 + 1e-12)
+        hs = torch.where(hit, stop - tc, direction * h).mul_(running)
+        t1 = torch.where(hit, stop, tc + hs)
+        y1, K, kend, ratio = step(tc, y, f0, hs, t1)
+        ratio = ratio.to(torch.float64)
+        accept = running & ((ratio <= 1.0) | (hs.abs() <= eng.min_step * (1 + 1e-12))) \
+            & torch.isfinite(ratio)
+        nsteps += running
+        nacc += accept
+        if dense:  # the pending output times inside (tc, t1]
+            oi = idx[:, None] + jk
+            tj = T.gather(1, oi.clamp(max=m - 1))
+            within = accept[:, None] & (oi < m) & ((tj - t1[:, None]) * direction[:, None] <= 0)
+            vals = None
+            if host_free and not bool(within.any()):
+                pass  # on CPU a host check is free: skip steps that cover no output time
+            elif kmax == 1:
+                vals = y1[:, None, :]
+            else:
+                hsafe = torch.where(hs == 0, torch.ones_like(hs), hs)
+                theta = ((tj - tc[:, None]) / hsafe[:, None]).to(eng.P.dtype)
+                hy = hs.to(eng.P.dtype)[:, None, None]
+                vals = torch.addcmul(y[:, None, :], hy, torch.einsum(
+                    "bkj,jbn->bkn", eng.weights(theta).to(K.dtype), K))
+                vals = torch.where((tj == t1[:, None])[..., None], y1[:, None, :], vals)
+            if vals is not None:
+                rows = torch.where(within, oi * B + ar[:, None], spare)
+                ys.index_copy_(0, rows.reshape(-1), vals.reshape(-1, n))
+                idx = idx + within.sum(1)
+        # advance the accepted samples
+        a2 = accept[:, None]
+        tc = torch.where(accept, t1, tc)
+        y = torch.where(a2, y1, y)
+        f0 = torch.where(a2, kend, f0)
+        with torch.no_grad():
+            h_new = eng.next_h(hs.abs(), ratio, prev, prev2)
+            if eng.p or eng.d:
+                prev2 = torch.where(accept, prev, prev2)
+                prev = torch.where(accept, ratio.clamp(min=1e-10), prev)
+            # status codes, in order of precedence: done, non-finite, underflow, max steps
+            bad = accept & ~torch.isfinite(y1).all(1)
+            last_nonfinite = torch.where(accept, bad, last_nonfinite | ~torch.isfinite(ratio))
+            under = h_new < torch.maximum(tiny, eps10 * tc.abs())
+            code = torch.where(last_nonfinite, int(Status.NONFINITE), int(Status.STEP_UNDERFLOW))
+            new = torch.where(accept & (tc == t_end), int(Status.SUCCESS), RUNNING)
+            new = torch.where(bad | under, code, new)
+            new = torch.where((new == RUNNING) & (nsteps >= max_steps), int(Status.MAX_STEPS),
+                              new)
+            status = torch.where(running, new, status)
+            h = torch.where(running, h_new, h)
+            running = status == RUNNING
+    if dense:
+        out = ys[: m * B].reshape(m, B, n)
+    else:
+        done = (status == int(Status.SUCCESS))[:, None]
+        out = torch.stack([y0, torch.where(done, y, torch.full_like(y, float("nan")))])
+    # evaluations: f0 (+ the initial-step probe), s-1 per step, and for non-FSAL tableaux
+    # f(t1, y1) once per accepted step (per attempted step when the error needs it)
+    nfe = n_init + (eng.s - 1) * nsteps
+    if not tab.fsal:
+        nfe = nfe + (nsteps if eng.err_needs_end else nacc)
+    stats = Stats(nfe=nfe, steps=nsteps, accepted=nacc, rejected=nsteps - nacc)
+    sol = Solution(ys=out, ts=t_out, stats=stats, status=status, backend="torch",
+                   method=tab.name)
+    sol.message = _message(status, tc)
+    return sol
+
+
+_WHY = {Status.MAX_STEPS: "reached max_num_steps (raise options['max_num_steps'] or loosen "
+                          "rtol/atol)",
+        Status.STEP_UNDERFLOW: "step size underflow (stiff or singular: loosen rtol/atol or use "
+                               "a stiff method on backend='scipy')",
+        Status.NONFINITE: "func produced NaN/Inf and the step size shrank without avoiding it"}
+
+
+def _message(status: torch.Tensor, tc: torch.Tensor) -> str:
+    bad = torch.nonzero(status != int(Status.SUCCESS)).reshape(-1).tolist()
+    if not bad:
+        return ""
+    parts = [f"sample {b}: {_WHY.get(Status(int(status[b])), 'failed')} at t={float(tc[b]):.6g}"
+             for b in bad[:5]]
+    more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+    return f"{len(bad)} of {status.numel()} samples failed: " + "; ".join(parts) + more
+
+
+def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: Any,
+                  method: str | None, options: dict | None, event_fn: Callable | None,
+                  backend: Any, gradient: str, raise_on_failure: bool) -> Solution:
+    """``pydiffbridge.solve(..., batch_dims=k)``: checks, flattening and the call above.
+
+    ``y0`` (or each tensor of a tuple ``y0``) has ``k`` leading batch dimensions; ``t`` is
+    ``(m,)`` (shared) or ``batch_shape + (m,)`` (per sample).  The result has ``ys`` of shape
+    ``(m, *batch_shape, ...)``, ``ts`` of shape ``batch_shape + (m,)``, per-sample stats and
+    status (tensors of shape ``batch_shape``).
+    """
+    from .. import errors as E
+    from .._tree import Tree
+    from ..api import _STATUS_ERRORS
+    from ..backends.torch import ADAPTIVE_METHODS, TorchBackend
+    from .tableaus import TABLEAUS
+
+    if not isinstance(batch_dims, int) or isinstance(batch_dims, bool) or batch_dims < 1:
+        raise E.InputError(f"batch_dims must be a positive int (leading batch dimensions of y0),"
+                           f" got {batch_dims!r}")
+    if backend not in ("torch", None) and getattr(backend, "name", None) != "torch":
+        raise E.InputError(f"batch_dims (per-sample stepping) runs on the native torch backend "
+                           f"only, got backend={backend!r}; drop batch_dims to use it")
+    if event_fn is not None:
+        raise E.InputError("batch_dims does not support event_fn; solve each sample with "
+                           "event_fn separately")
+    if gradient not in ("direct", "auto"):
+        raise E.InputError(f"batch_dims supports gradient='direct' (or 'auto') for now, got "
+                           f"{gradient!r}; the joint adjoint over a batch is not available yet")
+    tree = Tree.of(y0)
+    if not tree.dtype.is_floating_point:
+        raise E.InputError(f"y0 must be floating point, got {tree.dtype}")
+    bshape = tree.shapes[0][:batch_dims]
+    if len(tree.shapes[0]) < batch_dims or any(s[:batch_dims] != bshape for s in tree.shapes):
+        raise E.InputError(f"every tensor of y0 needs the same {batch_dims} leading batch "
+                           f"dimension(s); got shapes {[tuple(s) for s in tree.shapes]}")
+    B = math.prod(bshape)
+    rests = [s[batch_dims:] for s in tree.shapes]
+    sizes = [math.prod(r) for r in rests]
+    parts = sizes if tree.is_tuple else None
+    ys0 = y0 if tree.is_tuple else (y0,)
+    flat0 = torch.cat([v.reshape(B, -1) for v in ys0], 1)
+    if not bool(torch.isfinite(flat0).all()):
+        raise E.NonFiniteError("y0 contains NaN or Inf")
+    meth = TorchBackend().resolve_method(method)
+    if meth not in ADAPTIVE_METHODS:
+        raise E.InputError(f"batch_dims gives per-sample adaptive steps; method {meth!r} is "
+                           f"fixed-step (one grid for all samples): drop batch_dims for it")
+    opts = dict(options or {})
+    bad = sorted(set(opts) - BATCHED_OPTIONS)
+    if bad:
+        raise E.UnknownOptionError(f"option(s) {bad} not supported with batch_dims; accepted: "
+                                   f"{', '.join(sorted(BATCHED_OPTIONS))}")
+    t = torch.as_tensor(t, device=flat0.device)
+    t = t if t.dtype.is_floating_point else t.to(torch.float64)
+    if t.ndim == 1:
+        tb = t.expand(B, -1)
+    elif tuple(t.shape[:-1]) == tuple(bshape):
+        tb = t.reshape(B, -1)
+    else:
+        raise E.TimeGridError(f"t must have shape (m,) or batch_shape + (m,) = "
+                              f"{tuple(bshape) + ('m',)}, got {tuple(t.shape)}")
+    if tb.shape[1] < 2 or not bool(torch.isfinite(tb).all()):
+        raise E.TimeGridError("t needs at least 2 finite times per sample")
+    d = tb[:, 1:] - tb[:, :-1]
+    mono = (d > 0).all(1) | (d < 0).all(1)
+    if not bool(mono.all()):
+        b = int(torch.nonzero(~mono)[0])
+        raise E.TimeGridError(f"t of sample {b} is not strictly monotonic")
+
+    def tol(v, name):
+        if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1):
+            return float(v)
+        try:
+            return torch.cat([torch.as_tensor(x, dtype=flat0.dtype, device=flat0.device)
+                              .broadcast_to(s).reshape(B, -1) for x, s in zip(
+                                  v if tree.is_tuple else (v,), tree.shapes, strict=True)], 1)
+        except (RuntimeError, ValueError) as exc:
+            raise E.InputError(f"{name} does not broadcast to the state's shape") from exc
+
+    tdtype = opts.pop("dtype", None) or tb.dtype
+    shapes = [(*bshape, *r) for r in rests]
+
+    checked = [False]
+
+    def f(tt, yy):
+        if checked[0] and not tree.is_tuple:  # fast path once the output shape is known good
+            return func(tt.reshape(bshape), yy.reshape(shapes[0])).reshape(B, -1)
+        checked[0] = True
+        ys = yy.reshape(shapes[0]) if not tree.is_tuple else tuple(
+            p.reshape(sh) for p, sh in zip(torch.split(yy, sizes, 1), shapes, strict=True))
+        out = func(tt.reshape(bshape), ys)
+        outs = out if tree.is_tuple and isinstance(out, (tuple, list)) else (out,)
+        if len(outs) != len(shapes) or any(not isinstance(o, torch.Tensor) or o.shape != sh
+                                           for o, sh in zip(outs, shapes, strict=True)):
+            raise E.RHSError(f"func must return dy/dt with the state's shape(s) {shapes}, got "
+                             f"{[getattr(o, 'shape', type(o).__name__) for o in outs]}")
+        return out.reshape(B, -1) if not tree.is_tuple else torch.cat(
+            [o.reshape(B, -1) for o in outs], 1)
+
+    sol = solve_batched(f, flat0, tb, TABLEAUS[meth],
+                        tol(rtol, "rtol"), tol(atol, "atol"), opts, parts, tdtype)
+    sol.ts = tb.reshape(*bshape, -1) if t.ndim > 1 else t
+    ys = sol.ys
+    m = ys.shape[0]
+    pieces = torch.split(ys, sizes, 2)
+    out = tuple(p.reshape(m, *bshape, *r) for p, r in zip(pieces, rests, strict=True))
+    sol.ys = out if tree.is_tuple else out[0]
+    sol.status = sol.status.reshape(bshape)
+    for k in ("nfe", "steps", "accepted", "rejected"):
+        setattr(sol.stats, k, getattr(sol.stats, k).reshape(bshape))
+    if raise_on_failure and not sol.success:
+        first = Status(int(sol.status.reshape(-1)[sol.status.reshape(-1) != 0][0]))
+        raise _STATUS_ERRORS.get(first, E.SolverError)(f"torch/{meth} (batch_dims): "
+                                                       f"{sol.message}")
+    return sol

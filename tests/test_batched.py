@@ -1,0 +1,220 @@
+"""Per-sample adaptive stepping (``solve(..., batch_dims=k)``).
+
+References: sample-by-sample solves with the ordinary (shared-step) solver, SciPy's DOP853 at
+tight tolerance, and closed forms.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pydiffbridge as pdb
+from pydiffbridge import errors as E
+from pydiffbridge.solution import Status
+
+scipy_integrate = pytest.importorskip("scipy.integrate")
+
+DT = torch.float64
+
+
+class VdP(torch.nn.Module):
+    """Van der Pol oscillators with one μ per sample (μ is a scalar for a single sample)."""
+
+    def __init__(self, mu: torch.Tensor):
+        super().__init__()
+        self.mu = mu
+
+    def forward(self, t, y):
+        x, v = y[..., 0], y[..., 1]
+        return torch.stack([v, self.mu * (1 - x * x) * v - x], -1)
+
+
+def _vdp_batch(b=4):
+    mu = torch.linspace(0.5, 6.0, b, dtype=DT)
+    y0 = torch.stack([torch.linspace(1.0, 2.0, b, dtype=DT), torch.zeros(b, dtype=DT)], -1)
+    return mu, y0
+
+
+@pytest.mark.parametrize("method,tol", [("dopri5", 1e-8), ("tsit5", 1e-8), ("bosh3", 1e-6),
+                                        ("dopri8", 1e-9)])
+def test_matches_sample_by_sample_and_scipy(method, tol):
+    mu, y0 = _vdp_batch()
+    t = torch.linspace(0.0, 2.0, 5, dtype=DT)
+    sol = pdb.solve(VdP(mu), y0, t, rtol=tol, atol=tol * 1e-2, method=method, batch_dims=1)
+    assert sol.ys.shape == (5, 4, 2)
+    assert sol.success and sol.status.shape == (4,)
+    for b in range(4):
+        single = pdb.solve(VdP(mu[b]), y0[b], t, rtol=tol, atol=tol * 1e-2, method=method)
+        torch.testing.assert_close(sol.ys[:, b], single.ys, rtol=100 * tol, atol=10 * tol)
+        ref = scipy_integrate.solve_ivp(
+            lambda tt, yy, m=float(mu[b]): [yy[1], m * (1 - yy[0] ** 2) * yy[1] - yy[0]],
+            (0.0, 2.0), y0[b].numpy(), method="DOP853", rtol=1e-13, atol=1e-13,
+            t_eval=t.numpy())
+        torch.testing.assert_close(sol.ys[:, b], torch.from_numpy(ref.y.T), rtol=1000 * tol,
+                                   atol=100 * tol)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("method", ["dopri5", "dopri8"])
+def test_stats_per_sample_add_up_and_equal_single_solves(grad, method):
+    mu, y0 = _vdp_batch()
+    t = torch.tensor([0.0, 4.0], dtype=DT)
+    with torch.set_grad_enabled(grad):
+        sol = pdb.solve(VdP(mu), y0, t, rtol=1e-6, atol=1e-8, batch_dims=1, method=method)
+    st = sol.stats
+    assert torch.equal(st.steps, st.accepted + st.rejected)
+    assert int(st.rejected.sum()) > 0  # the comparison below covers rejected steps too
+    for b in range(4):
+        single = pdb.solve(VdP(mu[b]), y0[b], t, rtol=1e-6, atol=1e-8, method=method)
+        assert int(st.steps[b]) == single.stats.steps
+        assert int(st.accepted[b]) == single.stats.accepted
+        assert int(st.nfe[b]) == single.stats.nfe
+    # different dynamics give different work: the stiffest sample takes the most steps
+    assert int(st.steps[-1]) > int(st.steps[0])
+
+
+def test_per_sample_output_times_closed_form():
+    k = torch.tensor([0.5, 1.0, 3.0], dtype=DT)
+    y0 = torch.tensor([[1.0], [2.0], [-1.0]], dtype=DT)
+    t = torch.stack([torch.linspace(0, 1, 5), torch.linspace(0, 2, 5),
+                     torch.linspace(1, -1, 5)]).to(DT)  # the last runs backwards
+    sol = pdb.solve(lambda tt, y: -k[:, None] * y, y0, t, rtol=1e-9, atol=1e-11, batch_dims=1)
+    assert sol.ts.shape == (3, 5) and sol.ys.shape == (5, 3, 1)
+    exact = y0[:, 0, None] * torch.exp(-k[:, None] * (t - t[:, :1]))  # (3, 5)
+    torch.testing.assert_close(sol.ys[:, :, 0].T, exact, rtol=1e-7, atol=1e-9)
+
+
+def test_time_dependent_rhs_gets_each_samples_time():
+    # dy/dt = cos(t) from different start times: y(t) = y0 + sin(t) - sin(t0)
+    t = torch.stack([torch.linspace(0, 2, 4), torch.linspace(3, 7, 4)]).to(DT)
+    y0 = torch.zeros(2, 1, dtype=DT)
+    seen = []
+
+    def f(tt, y):
+        seen.append(tt.shape)
+        return torch.cos(tt)[:, None].expand_as(y)
+
+    sol = pdb.solve(f, y0, t, rtol=1e-9, atol=1e-12, batch_dims=1)
+    assert seen[0] == (2,)
+    torch.testing.assert_close(sol.ys[:, :, 0].T, torch.sin(t) - torch.sin(t[:, :1]),
+                               rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("sync_every", [1, 3])  # 3: the branch-free (CUDA-style) path
+def test_dense_outputs_many_per_step(sync_every):
+    # 41 outputs on a smooth problem: steps are long, so most steps cover several outputs
+    k = torch.tensor([0.1, 2.0], dtype=DT)
+    y0 = torch.ones(2, 3, dtype=DT)
+    t = torch.linspace(0, 4, 41, dtype=DT)
+    sol = pdb.solve(lambda tt, y: -k[:, None] * y, y0, t, rtol=1e-8, atol=1e-10, batch_dims=1,
+                    options={"sync_every": sync_every})
+    exact = torch.exp(-k[None, :, None] * t[:, None, None]).expand(41, 2, 3)
+    torch.testing.assert_close(sol.ys, exact, rtol=1e-6, atol=1e-8)
+    assert int(sol.stats.steps[0]) < 40
+
+
+def test_nan_sample_is_isolated_and_raises_naming_it():
+    k = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=DT)
+    y0 = torch.ones(4, 2, dtype=DT)
+    t = torch.linspace(0, 2, 5, dtype=DT)
+
+    def f(tt, y):
+        dy = -k[:, None] * y
+        poison = torch.zeros_like(dy)
+        poison[2] = torch.where(tt[2] > 0.7, float("nan"), 0.0)
+        return dy + poison
+
+    sol = pdb.solve(f, y0, t, rtol=1e-8, atol=1e-10, batch_dims=1)
+    assert int(sol.status[2]) == Status.NONFINITE
+    ok = [0, 1, 3]
+    assert all(int(sol.status[b]) == Status.SUCCESS for b in ok)
+    exact = torch.exp(-k[None, :, None] * t[:, None, None]).expand(5, 4, 2)
+    torch.testing.assert_close(sol.ys[:, ok], exact[:, ok], rtol=1e-6, atol=1e-8)
+    assert torch.isnan(sol.ys[-1, 2]).all()  # never reached
+    assert "sample 2" in sol.message and not sol.success
+    with pytest.raises(E.NonFiniteError, match="sample 2"):
+        pdb.solve(f, y0, t, rtol=1e-8, atol=1e-10, batch_dims=1, raise_on_failure=True)
+
+
+def test_max_steps_is_per_sample():
+    mu = torch.tensor([0.5, 30.0], dtype=DT)
+    y0 = torch.tensor([[2.0, 0.0], [2.0, 0.0]], dtype=DT)
+    t = torch.tensor([0.0, 20.0], dtype=DT)
+    single = pdb.solve(VdP(mu[0]), y0[0], t, rtol=1e-6, atol=1e-8)
+    sol = pdb.solve(VdP(mu), y0, t, rtol=1e-6, atol=1e-8, batch_dims=1,
+                    options={"max_num_steps": single.stats.steps + 5})
+    assert int(sol.status[0]) == Status.SUCCESS
+    assert int(sol.status[1]) == Status.MAX_STEPS
+    torch.testing.assert_close(sol.ys[-1, 0], single.ys[-1], rtol=1e-6, atol=1e-8)
+    with pytest.raises(E.MaxStepsExceededError, match="sample 1"):
+        pdb.solve(VdP(mu), y0, t, rtol=1e-6, atol=1e-8, batch_dims=1, raise_on_failure=True,
+                  options={"max_num_steps": single.stats.steps + 5})
+
+
+def test_direct_gradient_closed_form():
+    # y' = -k_b y  =>  y(T) = y0 exp(-k_b T), d y(T) / d k_b = -T y0 exp(-k_b T)
+    k = torch.tensor([0.3, 1.0, 2.5], dtype=DT, requires_grad=True)
+    y0 = torch.tensor([[1.0], [2.0], [0.5]], dtype=DT, requires_grad=True)
+    t = torch.tensor([0.0, 0.7, 1.5], dtype=DT)
+    sol = pdb.solve(lambda tt, y: -k[:, None] * y, y0, t, rtol=1e-10, atol=1e-12,
+                    batch_dims=1)
+    sol.ys[-1].sum().backward()
+    T = 1.5
+    kd, y0d = k.detach(), y0.detach()[:, 0]
+    torch.testing.assert_close(k.grad, -T * y0d * torch.exp(-kd * T), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(y0.grad[:, 0], torch.exp(-kd * T), rtol=1e-6, atol=1e-9)
+
+
+def test_two_batch_dims_and_tuple_state():
+    # harmonic oscillators x'' = -w^2 x as a tuple (x, v), batch shape (2, 3)
+    w = torch.linspace(0.5, 3.0, 6, dtype=DT).reshape(2, 3)
+    x0 = torch.ones(2, 3, 1, dtype=DT)
+    v0 = torch.zeros(2, 3, 1, dtype=DT)
+
+    def f(tt, state):
+        assert tt.shape == (2, 3)
+        x, v = state
+        return v, -(w[..., None] ** 2) * x
+
+    t = torch.linspace(0, 2, 3, dtype=DT)
+    sol = pdb.solve(f, (x0, v0), t, rtol=1e-9, atol=1e-11, batch_dims=2)
+    xs, vs = sol.ys
+    assert xs.shape == (3, 2, 3, 1) and sol.stats.steps.shape == (2, 3)
+    exact_x = torch.cos(w[None] * t[:, None, None])[..., None]
+    exact_v = (-w[None] * torch.sin(w[None] * t[:, None, None]))[..., None]
+    torch.testing.assert_close(xs, exact_x, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(vs, exact_v, rtol=1e-7, atol=1e-8)
+
+
+def test_per_component_tolerances_and_first_step():
+    k = torch.tensor([1.0, 4.0], dtype=DT)
+    y0 = torch.ones(2, 2, dtype=DT)
+    atol = torch.tensor([1e-12, 1e-3], dtype=DT)  # broadcast over the batch
+    t = torch.tensor([0.0, 1.0], dtype=DT)
+    sol = pdb.solve(lambda tt, y: -k[:, None] * y, y0, t, rtol=1e-9, atol=atol,
+                    batch_dims=1, options={"first_step": 1e-3})
+    torch.testing.assert_close(sol.ys[-1], torch.exp(-k)[:, None].expand(2, 2), rtol=1e-6,
+                               atol=1e-7)
+
+
+def test_bad_inputs_raise():
+    y0 = torch.ones(3, 2, dtype=DT)
+    t = torch.tensor([0.0, 1.0], dtype=DT)
+    f = lambda tt, y: -y  # noqa: E731
+    with pytest.raises(E.InputError, match="batch_dims"):
+        pdb.solve(f, y0, t, batch_dims=0)
+    with pytest.raises(E.InputError, match="torch backend"):
+        pdb.solve(f, y0, t, batch_dims=1, backend="scipy")
+    with pytest.raises(E.InputError, match="fixed-step"):
+        pdb.solve(f, y0, t, batch_dims=1, method="rk4")
+    with pytest.raises(E.UnknownOptionError, match="jump_t"):
+        pdb.solve(f, y0, t, batch_dims=1, options={"jump_t": [0.5]})
+    with pytest.raises(E.TimeGridError, match="shape"):
+        pdb.solve(f, y0, torch.zeros(2, 2, dtype=DT), batch_dims=1)
+    with pytest.raises(E.TimeGridError, match="sample 1"):
+        pdb.solve(f, y0, torch.tensor([[0.0, 1.0], [0.0, 0.0], [0, 1]], dtype=DT),
+                  batch_dims=1)
+    with pytest.raises(E.RHSError):
+        pdb.solve(lambda tt, y: y[:, :1], y0, t, batch_dims=1)
+

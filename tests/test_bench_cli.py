@@ -1,0 +1,62 @@
+"""The benchmark CLI end to end on a tiny configuration, and its problems' references."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pydiffbridge.bench import problems as P
+from pydiffbridge.bench.runner import main
+
+pytest.importorskip("scipy")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+
+def test_cli_tiny_run_writes_three_outputs(tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = main(["--problems", "linear100,cnf", "--methods", "dopri5", "--tols", "1e-3,1e-6",
+               "--repeats", "1", "--backends", "torch", "--peers", "torchdiffeq",
+               "--batch-mode", "both", "--out", str(out), "--no-progress", "--memory"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    md = (out / "results.md").read_text()
+    png = (out / "work_precision.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    rows = [r for r in res["rows"] if "skipped" not in r]
+    solvers = {r["solver"] for r in rows}
+    assert {"ours-torch", "ours-torch/per-sample"} <= solvers
+    for r in rows:
+        assert r["nfe"] > 0 and r["steps"] > 0 and r["time_s"] > 0
+        assert r["error"] < 100 * r["tol"]  # errors are measured against the references
+    # a tighter tolerance gives a smaller error on the closed-form linear problem
+    lin = {r["tol"]: r["error"] for r in rows if r["problem"] == "linear100"
+           and r["solver"] == "ours-torch"}
+    assert lin[1e-6] < lin[1e-3]
+    assert "| ours-torch | dopri5 | 0.001 |" in md and "per-sample vs shared" in md
+
+
+def test_unknown_problem_is_rejected(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--problems", "nope", "--out", str(tmp_path)])
+
+
+def test_linear_reference_is_the_matrix_exponential():
+    p = P.linear_problem(dim=5)
+    # d/dt of the reference equals A y (central difference of the closed form)
+    eps = 1e-6
+    A = p.func.A
+    y1 = p.reference[1][0]
+    fwd = p.y0 @ torch.linalg.matrix_exp(A * (1 + eps)).T
+    bwd = p.y0 @ torch.linalg.matrix_exp(A * (1 - eps)).T
+    torch.testing.assert_close(((fwd - bwd) / (2 * eps))[0], A @ y1, rtol=1e-6, atol=1e-8)
+
+
+def test_mlp_trace_is_the_jacobian_trace():
+    f = P.MLP(seed=3, scale=1.5).double()
+    y = torch.randn(4, 2, dtype=torch.float64)
+    jac = torch.stack([torch.autograd.functional.jacobian(lambda v: f(0.0, v), y[i])
+                       for i in range(4)])
+    torch.testing.assert_close(f.trace_jac(y), jac.diagonal(dim1=1, dim2=2).sum(-1))
