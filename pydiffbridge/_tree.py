@@ -91,6 +91,17 @@ class Tree:
     def wrap_func(self, func: Callable, where: str = "func") -> Callable:
         """``func(t, y_user) -> dy_user`` as a flat ``(t, y_flat) -> dy_flat`` with checks."""
         tree = self
+        if not self.is_tuple:
+            shape, dtype = self.shapes[0], self.dtype
+
+            def flat_func_tensor(t, y):
+                out = func(t, y.reshape(shape))
+                # fast path for the common case; anything else gets the full check (and error)
+                if type(out) is torch.Tensor and out.shape == shape and out.dtype == dtype:
+                    return out.reshape(-1)
+                return tree.check_output(out, where, t)
+
+            return flat_func_tensor
 
         def flat_func(t, y):
             out = func(t, tree.unflatten(y))

@@ -180,7 +180,7 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
     if gradient == "auto":
         gradient = "direct" if p.backend.supports_direct_grad else "adjoint"
         if (gradient == "adjoint" and adjoint_params is None and torch.is_grad_enabled()
-                and not isinstance(func, torch.nn.Module)):
+                and not isinstance(func, torch.nn.Module) and _captures_grad_tensors(func)):
             warnings.warn(
                 f"func is not an nn.Module: on backend {p.backend.name!r} gradients reach y0 and t"
                 " but no tensors captured by func; pass an nn.Module or use odeint_adjoint(..., "
@@ -209,6 +209,20 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
     if raise_on_failure:
         _raise_for(sol)
     return p.finish(sol)
+
+
+def _captures_grad_tensors(func) -> bool:
+    """Whether a plain function closes over tensors (or modules) that require gradients."""
+    for cell in getattr(func, "__closure__", None) or ():
+        try:
+            v = cell.cell_contents
+        except ValueError:
+            continue
+        if isinstance(v, torch.Tensor) and v.requires_grad:
+            return True
+        if isinstance(v, torch.nn.Module) and any(q.requires_grad for q in v.parameters()):
+            return True
+    return False
 
 
 def _adjoint_params(func, adjoint_params) -> tuple[torch.Tensor, ...]:
