@@ -162,7 +162,8 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
             own adaptive step size, accept/reject, error norm and status (torch backend,
             adaptive methods; see :mod:`pydiffbridge.solvers.batched`).  ``func`` then receives
             ``t`` of the batch shape; ``t`` may be ``(m,)`` or ``batch_shape + (m,)``; stats
-            and status are per-sample tensors.
+            and status are per-sample tensors.  ``gradient="adjoint"``/``"checkpointed"``
+            solve one joint adjoint over the batch (parameters shared by the samples).
 
     Returns:
         A :class:`Solution`; ``ys`` has the structure of ``y0`` with a leading time dimension.
@@ -175,7 +176,10 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
 
         return batched_solve(func, y0, t, batch_dims=batch_dims, rtol=rtol, atol=atol,
                              method=method, options=options, event_fn=event_fn, backend=backend,
-                             gradient=gradient, raise_on_failure=raise_on_failure)
+                             gradient=gradient, raise_on_failure=raise_on_failure,
+                             adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
+                             adjoint_method=adjoint_method, adjoint_options=adjoint_options,
+                             adjoint_params=adjoint_params)
     p = Prepared(func, y0, t, rtol, atol, method, options, event_fn, backend)
     if gradient == "auto":
         gradient = "direct" if p.backend.supports_direct_grad else "adjoint"
