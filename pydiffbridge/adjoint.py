@@ -68,6 +68,7 @@ class BridgeConfig:
     param_sizes: tuple[int, ...]
     stats: Stats = field(default_factory=Stats)  # the forward solve's stats, filled in backward
     box: _Box = field(default_factory=_Box)
+    forward_backend: Backend | None = None  # runs the forward solves instead of ``backend``
 
 
 # --------------------------------------------------------------------------------------- norms
@@ -121,14 +122,15 @@ class _Bridge(torch.autograd.Function):
     def forward(ctx, cfg: BridgeConfig, y0: torch.Tensor, t: torch.Tensor,
                 *params: torch.Tensor) -> torch.Tensor:
         ckpt = cfg.mode == "checkpointed"
+        fwd = cfg.forward_backend or cfg.backend
         if ckpt and cfg.event_fn is None:
             # one solve to the output times and the checkpoints together
             ck_t, pos = _merge_times(t, cfg.checkpoints)
-            sol = cfg.backend.solve(cfg.func, y0, ck_t, cfg.spec, None)
+            sol = fwd.solve(cfg.func, y0, ck_t, cfg.spec, None)
             ck_y = sol.ys.detach()
             sol.ys, sol.ts = ck_y[pos], t
         else:
-            sol = cfg.backend.solve(cfg.func, y0, t, cfg.spec, cfg.event_fn)
+            sol = fwd.solve(cfg.func, y0, t, cfg.spec, cfg.event_fn)
         cfg.box.sol = sol
         ts = t
         if sol.event_t is not None:
@@ -138,7 +140,7 @@ class _Bridge(torch.autograd.Function):
             # the event time is known only now: one more solve for the checkpoints
             ck_t, pos = _merge_times(ts, cfg.checkpoints)
             if len(pos) < len(ck_t):
-                ck = cfg.backend.solve(cfg.func, y0, ck_t, cfg.spec, None)
+                ck = fwd.solve(cfg.func, y0, ck_t, cfg.spec, None)
                 ck_y = ck.ys.detach().clone()
                 ck_y[pos] = ys
                 cfg.stats.__iadd__(_forward_part(ck.stats))
@@ -294,7 +296,7 @@ def _merge_times(ts: torch.Tensor, checkpoints: Any) -> tuple[torch.Tensor, list
 
 # ------------------------------------------------------------------------------ entry point
 def bridge_solve(p: Any, params: tuple[torch.Tensor, ...], adjoint_spec: SolveSpec,
-                 gradient: str) -> Solution:
+                 gradient: str, forward_backend: Backend | None = None) -> Solution:
     """Solve ``p`` (an :class:`pydiffbridge.api.Prepared`) through the bridge.
 
     Args:
@@ -306,6 +308,8 @@ def bridge_solve(p: Any, params: tuple[torch.Tensor, ...], adjoint_spec: SolveSp
             option ``"checkpoints"`` (an int, or a list of times) sets the extra checkpoints of
             ``gradient="checkpointed"``.
         gradient: ``"adjoint"`` or ``"checkpointed"``.
+        forward_backend: runs the forward solves instead of ``p.backend`` (which still runs
+            the backward ones), e.g. per-sample stepping of :mod:`pydiffbridge.solvers.batched`.
 
     Returns:
         A flat :class:`Solution` whose ``ys`` is differentiable in ``y0``, ``params`` and ``t``
@@ -338,7 +342,7 @@ def bridge_solve(p: Any, params: tuple[torch.Tensor, ...], adjoint_spec: SolveSp
                          _widen(adjoint_spec.atol, n, P), opts,
                          _aug_norm(adjoint_spec.norm, p.tree.sizes, n, sizes))
     cfg = BridgeConfig(p.backend, p.func, p.spec, aug_spec, p.event_fn, gradient, checkpoints,
-                       n, sizes)
+                       n, sizes, forward_backend=forward_backend)
     ys = _Bridge.apply(cfg, p.y0, p.t, *gparams)
     sol = cfg.box.sol
     cfg.stats.__iadd__(sol.stats)

@@ -100,7 +100,8 @@ class Prepared:
         for key in ("step_t", "jump_t"):
             if key in opts:
                 vals = opts[key]
-                vals = vals.detach().reshape(-1).tolist() if isinstance(vals, torch.Tensor) else vals
+                if isinstance(vals, torch.Tensor):
+                    vals = vals.detach().reshape(-1).tolist()
                 opts[key] = sorted(float(v) for v in vals)
         rtol_v = self.tree.flat_values(rtol, "rtol")
         atol_v = self.tree.flat_values(atol, "atol")
