@@ -13,5 +13,6 @@ from .solution import Solution, Stats, Status
 
 __version__ = "0.1.0"
 
-__all__ = ["odeint", "odeint_adjoint", "odeint_event", "solve", "solve_ensemble", "Solution", "Stats", "Status",
+__all__ = ["odeint", "odeint_adjoint", "odeint_event", "solve", "solve_ensemble",
+           "Solution", "Stats", "Status",
            "errors", "__version__", *errors.__all__]

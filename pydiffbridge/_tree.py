@@ -58,7 +58,7 @@ class Tree:
         if not self.is_tuple:
             return flat.reshape((*lead, *self.shapes[0]))
         parts = torch.split(flat, self.sizes, dim=len(lead))
-        return tuple(p.reshape((*lead, *s)) for p, s in zip(parts, self.shapes))
+        return tuple(p.reshape((*lead, *s)) for p, s in zip(parts, self.shapes, strict=True))
 
     def flat_values(self, v, name: str) -> torch.Tensor | float:
         """Per-component ``rtol``/``atol``: a number, or tensors broadcastable to the state."""
@@ -75,7 +75,7 @@ class Tree:
             raise InputError(f"{name}: got {len(items)} entries for a state of {len(self.shapes)}"
                              " tensors")
         parts = []
-        for i, (x, shape) in enumerate(zip(items, self.shapes)):
+        for i, (x, shape) in enumerate(zip(items, self.shapes, strict=True)):
             x = torch.as_tensor(x, dtype=self.dtype if not self.dtype.is_complex else None,
                                 device=self.device)
             x = x.real if x.is_complex() else x
@@ -121,7 +121,7 @@ class Tree:
                 raise RHSError(f"{where} returned {type(out).__name__} at t={float(t):.6g}; it "
                                "must return a torch.Tensor")
             items = (out,)
-        for i, (o, shape) in enumerate(zip(items, self.shapes)):
+        for i, (o, shape) in enumerate(zip(items, self.shapes, strict=True)):
             if not isinstance(o, torch.Tensor) or o.shape != shape:
                 got = tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__
                 raise RHSError(f"{where} returned shape {got} (component {i}) at t={float(t):.6g}"

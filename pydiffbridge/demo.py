@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
     nfe_f = nfe_b = 0
     t_start = time.perf_counter()
     loss_v = float("nan")
-    for it in _progress(args.niters - start_it, args.quiet):
+    for _ in _progress(args.niters - start_it, args.quiet):
         opt.zero_grad()
         by0, bt, by = get_batch()
         func.nfe = 0
@@ -143,7 +143,7 @@ def _figure(path: Path, true_y, pred_y, func) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib not installed: skipping the figure (pip install 'pydiffbridge[examples]')")
+        print("matplotlib not installed: no figure (pip install 'pydiffbridge[examples]')")
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     ax = axes[0]

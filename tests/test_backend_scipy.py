@@ -344,3 +344,18 @@ def test_boundary_benchmark_reports_consistent_rows():
     assert row["overhead_per_call_us"] == pytest.approx(
         1e6 * (row["time_s"] - row["nfe"] * per_call) / row["nfe"])
     assert "| scipy | RK45 | SUCCESS |" in to_markdown(res)
+
+
+def test_scipy_internal_nonfinite_error_becomes_a_status():
+    # BDF's linear algebra raises its own ValueError on Inf: it must come back as NONFINITE
+    from pydiffbridge.solution import Status
+
+    def f(t, y):
+        return torch.where(t < 0.5, -y, torch.full_like(y, math.inf))
+
+    sol = pdb.solve(f, torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                    backend="scipy", method="BDF")
+    assert sol.status == Status.NONFINITE and "t=" in sol.message
+    with pytest.raises(pdb.errors.NonFiniteError):
+        pdb.odeint(f, torch.ones(2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64),
+                   backend="scipy", method="BDF")

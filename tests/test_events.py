@@ -48,7 +48,7 @@ def test_bounces_by_restarting():
     t1 = math.sqrt(2 / g)
     v1 = g * t1
     expect = [t1, t1 + 2 * e * v1 / g, t1 + 2 * e * v1 / g + 2 * e * e * v1 / g]
-    for got, want in zip(times, expect):
+    for got, want in zip(times, expect, strict=True):
         assert abs(got - want) < 1e-6
 
 

@@ -204,7 +204,17 @@ class _Run:
                                f"(dt={solver.step_size or 0:.3g}) before t={self.t_end:.6g}")
                     break
                 calls = self.rhs.calls
-                msg = solver.step()
+                try:
+                    msg = solver.step()
+                except ValueError as exc:  # SciPy's own check on NaN/Inf in its linear algebra
+                    if "inf" not in str(exc).lower() and "nan" not in str(exc).lower():
+                        raise
+                    self.stats.steps += 1
+                    status = Status.NONFINITE
+                    message = (f"the solution became NaN/Inf near t={solver.t:.6g} ({exc}); the "
+                               "problem may be unstable in this direction: for gradients of stiff "
+                               "problems use gradient='interpolated'")
+                    break
                 attempts = 1
                 if n_stages:
                     attempts = max(1, (self.rhs.calls - calls) // n_stages)

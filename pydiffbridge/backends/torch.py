@@ -72,8 +72,9 @@ class TorchBackend:
                                  event_fn)
         else:
             if event_fn is not None:
-                raise InputError(f"event_fn needs an adaptive method ({', '.join(ADAPTIVE_METHODS)})"
-                                 f"; {method!r} steps on a fixed grid")
+                names = ", ".join(ADAPTIVE_METHODS)
+                raise InputError(f"event_fn needs an adaptive method ({names}); {method!r} "
+                                 "steps on a fixed grid")
             sol = solve_fixed(func, y0, t, method, TABLEAUS.get(method), opts, norm, spec.rtol,
                               spec.atol)
         sol.backend, sol.method = "torch", method

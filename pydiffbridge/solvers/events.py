@@ -46,10 +46,11 @@ class EventTracker:
             Kd, yd = K.detach(), y.detach()
             best = None
             for c in torch.nonzero(crossed).reshape(-1).tolist():
-                th = self._root(lambda th: float(self._g(
-                    tc + th * hs, self._interp(tab, yd, Kd, hs, torch.tensor(th, dtype=yd.real.dtype,
-                                                                           device=yd.device)))[c]),
-                    float(g0[c]), float(g1[c]))
+                def g_at(th: float, c: int = c) -> float:
+                    theta = torch.tensor(th, dtype=yd.real.dtype, device=yd.device)
+                    return float(self._g(tc + th * hs, self._interp(tab, yd, Kd, hs, theta))[c])
+
+                th = self._root(g_at, float(g0[c]), float(g1[c]))
                 if best is None or th < best[0]:
                     best = (th, c)
         th, c = best

@@ -55,7 +55,7 @@ def _rk_step(fc, tab: Tableau, t0: float, h: float, y, f0, perturb: bool):
             ti = math.nextafter(ti, t0)
         ks.append(fc(ti, yi))
     y1 = y
-    for bi, k in zip(tab.b, ks):
+    for bi, k in zip(tab.b, ks, strict=True):
         if bi != 0.0:
             y1 = y1 + (h * bi) * k
     return y1
@@ -125,10 +125,10 @@ def solve_fixed(f: Callable, y0: torch.Tensor, t: torch.Tensor, method: str, tab
                 y1 = _rk_step(fc, RK4, ta, h, y, f0, perturb)
             else:
                 beta = _adams_coeffs(hist_t, ta, tb)
-                y1 = y + h * sum(bj * fj for bj, fj in zip(beta, hist_f))
+                y1 = y + h * sum(bj * fj for bj, fj in zip(beta, hist_f, strict=True))
                 if method != "explicit_adams":
                     gam = _adams_coeffs([tb] + hist_t[1:], ta, tb)
-                    known = y + h * sum(g * fj for g, fj in zip(gam[1:], hist_f[1:]))
+                    known = y + h * sum(g * fj for g, fj in zip(gam[1:], hist_f[1:], strict=True))
                     for _ in range(max_iters):
                         y_new = known + (h * gam[0]) * fc(tb, y1)
                         with torch.no_grad():

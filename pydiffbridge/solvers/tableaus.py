@@ -53,7 +53,7 @@ def _err(b, bhat) -> tuple[float, ...]:
     n = max(len(b), len(bhat))
     b = list(b) + [0] * (n - len(b))
     bhat = list(bhat) + [0] * (n - len(bhat))
-    return _f(F(x) - F(y) for x, y in zip(b, bhat))
+    return _f(F(x) - F(y) for x, y in zip(b, bhat, strict=True))
 
 
 # Dormand & Prince (1980), "A family of embedded Runge-Kutta formulae", J. Comput. Appl.
