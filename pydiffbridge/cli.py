@@ -95,7 +95,8 @@ def _delegate(target: str, argv: list[str]) -> int:
         print(f"error: {mod_name} is not available ({exc})", file=sys.stderr)
         return 2
     rc = getattr(mod, func)(argv)
-    return int(rc or 0)
+    # entry points return an exit code, or (like demo.main) a result object meaning success
+    return rc if isinstance(rc, int) else 0
 
 
 def _parser() -> argparse.ArgumentParser:

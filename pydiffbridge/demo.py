@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--atol", type=float, default=1e-6)
     p.add_argument("--backend", default="torch", help="torch | scipy | julia")
     p.add_argument("--adjoint", action="store_true", help="train with the adjoint method")
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=1e-2, help="initial Adam learning rate (cosine decay)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo", help="output folder (figure, checkpoint, JSON)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -82,6 +82,7 @@ def main(argv=None) -> dict:
 
     func = ODEFunc()
     opt = torch.optim.Adam(func.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, args.niters))
     start_it = 0
     ckpt = out / "checkpoint.pt"
     if args.resume and ckpt.exists():
@@ -89,6 +90,8 @@ def main(argv=None) -> dict:
         func.load_state_dict(state["func"])
         opt.load_state_dict(state["opt"])
         start_it = state["iter"]
+        for _ in range(start_it):
+            sched.step()
     solver = odeint_adjoint if args.adjoint else odeint
     kw = dict(rtol=args.rtol, atol=args.atol, method=args.method, backend=args.backend)
 
@@ -111,6 +114,7 @@ def main(argv=None) -> dict:
         loss.backward()
         nfe_b += func.nfe
         opt.step()
+        sched.step()
         loss_v = loss.item()
     train_time = time.perf_counter() - t_start
     iters = max(1, args.niters - start_it)

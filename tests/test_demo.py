@@ -19,3 +19,11 @@ def test_demo_runs_and_resumes(tmp_path):
     res2 = demo.main(["--niters", "40", "--data-size", "200", "--out", str(out), "--quiet",
                       "--resume", "--adjoint"])
     assert res2["iterations"] == 40 and res2["mean_nfe_backward"] > 0
+
+
+@pytest.mark.slow
+def test_demo_through_the_cli(tmp_path):
+    from pydiffbridge.cli import main
+
+    rc = main(["demo", "--niters", "5", "--data-size", "100", "--out", str(tmp_path), "--quiet"])
+    assert rc == 0 and (tmp_path / "result.json").exists()
