@@ -184,18 +184,7 @@ class _Bridge(torch.autograd.Function):
                 g = g + dg
             else:
                 a, g = _back_solve(cfg, ck_t[k], ck_t[k - 1], ck_y[k], a, g, params, counter)
-        grad_t = None
-        if ctx.needs_input_grad[2]:
-            grad_t = _time_grads(cfg, ts, ys, grad_ys, a, counter)
-            if ctx.event:  # times are [t0, T]: only t0 is an input (the rest of t is a limit)
-                grad_t = torch.cat([grad_t[:1], grad_t.new_zeros(ctx.t_len - 1)])
-        a = a + grad_ys[0]
-        cfg.stats.nfe_backward += counter[0]
-        cfg.stats.steps_backward += counter[1]
-        grads = [(gp.real if gp.is_complex() and not q.is_complex() else gp)
-                 .reshape(q.shape).to(q.dtype)
-                 for gp, q in zip(torch.split(g, list(cfg.param_sizes)), params, strict=True)]
-        return (None, a, grad_t, *grads)
+        return _finish_backward(ctx, cfg, ts, ys, grad_ys, a, g, params, counter)
 
 
 def _forward_part(s: Stats) -> Stats:
@@ -292,6 +281,23 @@ def _merge_times(ts: torch.Tensor, checkpoints: Any) -> tuple[torch.Tensor, list
     merged = torch.stack([ts[j] if j is not None else ts.new_tensor(v) for v, j in items])
     pos = [k for k, (_, j) in enumerate(items) if j is not None]
     return merged.detach(), pos
+
+
+def _finish_backward(ctx, cfg, ts, ys, grad_ys, a, g, params, counter) -> tuple:
+    """Common end of every bridge backward: time gradients, the last incoming gradient, the
+    backward stats and the parameter gradients in each parameter's shape and dtype."""
+    grad_t = None
+    if ctx.needs_input_grad[2]:
+        grad_t = _time_grads(cfg, ts, ys, grad_ys, a, counter)
+        if ctx.event:  # times are [t0, T]: only t0 is an input (the rest of t is a limit)
+            grad_t = torch.cat([grad_t[:1], grad_t.new_zeros(ctx.t_len - 1)])
+    a = a + grad_ys[0]
+    cfg.stats.nfe_backward += counter[0]
+    cfg.stats.steps_backward += counter[1]
+    grads = [(gp.real if gp.is_complex() and not q.is_complex() else gp)
+             .reshape(q.shape).to(q.dtype)
+             for gp, q in zip(torch.split(g, list(cfg.param_sizes)), params, strict=True)]
+    return (None, a, grad_t, *grads)
 
 
 # ------------------------------------------------------------------------------ entry point

@@ -40,7 +40,13 @@ from typing import Any
 import torch
 
 from . import errors as E
-from .adjoint import _adjoint_options, _block_norm, _event_time, _forward_part, _time_grads
+from .adjoint import (
+    _adjoint_options,
+    _block_norm,
+    _event_time,
+    _finish_backward,
+    _forward_part,
+)
 from .backends.base import SolveSpec
 from .solution import Solution, Stats, Status
 
@@ -280,18 +286,7 @@ class _Interp(torch.autograd.Function):
             a = a + grad_ys[k]
             if bool((a != 0).any()):
                 a, g = _back_solve(cfg, ctx.rec, ts[k], ts[k - 1], a, g, params, counter)
-        grad_t = None
-        if ctx.needs_input_grad[2]:
-            grad_t = _time_grads(cfg, ts, ys, grad_ys, a, counter)
-            if ctx.event:
-                grad_t = torch.cat([grad_t[:1], grad_t.new_zeros(ctx.t_len - 1)])
-        a = a + grad_ys[0]
-        cfg.stats.nfe_backward += counter[0]
-        cfg.stats.steps_backward += counter[1]
-        grads = [(gp.real if gp.is_complex() and not q.is_complex() else gp)
-                 .reshape(q.shape).to(q.dtype)
-                 for gp, q in zip(torch.split(g, list(cfg.param_sizes)), params, strict=True)]
-        return (None, a, grad_t, *grads)
+        return _finish_backward(ctx, cfg, ts, ys, grad_ys, a, g, params, counter)
 
 
 def _back_solve(cfg: _Config, rec: HermiteRecord, t_hi, t_lo, a, g, params, counter):

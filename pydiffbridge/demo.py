@@ -62,7 +62,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--atol", type=float, default=1e-6)
     p.add_argument("--backend", default="torch", help="torch | scipy | julia")
     p.add_argument("--adjoint", action="store_true", help="train with the adjoint method")
-    p.add_argument("--lr", type=float, default=1e-2, help="initial Adam learning rate (cosine decay)")
+    p.add_argument("--lr", type=float, default=1e-2, help="initial Adam rate (cosine decay)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/demo", help="output folder (figure, checkpoint, JSON)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
