@@ -25,6 +25,9 @@ class Status(enum.IntEnum):
     def ok(self) -> bool:
         return self in (Status.SUCCESS, Status.EVENT)
 
+    def __str__(self) -> str:
+        return self.name
+
 
 @dataclass
 class Stats:
