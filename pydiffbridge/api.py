@@ -248,15 +248,19 @@ def _needs_grad(p: Prepared, func, adjoint_params) -> bool:
 
 
 def odeint(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: str | None = None,
-           options: dict | None = None, event_fn: Callable | None = None, backend: Any = "torch"):
+           options: dict | None = None, event_fn: Callable | None = None, backend: Any = "torch",
+           batch_dims: int | None = None):
     """torchdiffeq-compatible solve: returns ``ys`` (or ``(event_t, ys)`` with ``event_fn``).
 
     Gradients flow by direct backprop on the torch backend; on engines that cannot be traced
-    (SciPy, Julia) they flow through the adjoint bridge automatically.  Raises the matching
-    :mod:`pydiffbridge.errors` exception if the solve fails.
+    (SciPy, Julia) they flow through the adjoint bridge automatically.  ``batch_dims=k`` steps
+    each sample of the ``k`` leading dimensions on its own (see :func:`solve`).  Raises the
+    matching :mod:`pydiffbridge.errors` exception if the solve fails (naming the failing
+    sample with ``batch_dims``).
     """
     sol = solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
-                event_fn=event_fn, backend=backend, gradient="auto", raise_on_failure=True)
+                event_fn=event_fn, backend=backend, gradient="auto", raise_on_failure=True,
+                batch_dims=batch_dims)
     return (sol.event_t, sol.ys) if event_fn is not None else sol.ys
 
 

@@ -135,6 +135,8 @@ def test_nan_sample_is_isolated_and_raises_naming_it():
     assert "sample 2" in sol.message and not sol.success
     with pytest.raises(E.NonFiniteError, match="sample 2"):
         pdb.solve(f, y0, t, rtol=1e-8, atol=1e-10, batch_dims=1, raise_on_failure=True)
+    with pytest.raises(E.NonFiniteError, match="sample 2"):
+        pdb.odeint(f, y0, t, rtol=1e-8, atol=1e-10, batch_dims=1)
 
 
 def test_max_steps_is_per_sample():
