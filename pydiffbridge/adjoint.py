@@ -300,6 +300,29 @@ def _finish_backward(ctx, cfg, ts, ys, grad_ys, a, g, params, counter) -> tuple:
     return (None, a, grad_t, *grads)
 
 
+def _grad_params(params: tuple) -> tuple[torch.Tensor, ...]:
+    """Check that every adjoint parameter is a tensor; return those that require grad."""
+    for i, q in enumerate(params):
+        if not isinstance(q, torch.Tensor):
+            raise E.InputError(f"adjoint_params[{i}] is a {type(q).__name__}, not a tensor; pass "
+                               "the tensors func uses (e.g. tuple(module.parameters()))")
+    return tuple(q for q in params if q.requires_grad)
+
+
+def _parse_checkpoints(value: Any, accepted: str) -> Any:
+    """``adjoint_options['checkpoints']``: an int >= 0 passes through, anything else must
+    become a list of float times (``accepted`` names the valid forms for the message)."""
+    if not isinstance(value, int):
+        try:
+            return [float(v) for v in torch.as_tensor(value).reshape(-1).tolist()]
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise E.InputError(f"adjoint_options['checkpoints'] must be {accepted}, got "
+                               f"{value!r}") from exc
+    if value < 0:
+        raise E.InputError(f"adjoint_options['checkpoints'] must be >= 0, got {value}")
+    return value
+
+
 # ------------------------------------------------------------------------------ entry point
 def bridge_solve(p: Any, params: tuple[torch.Tensor, ...], adjoint_spec: SolveSpec,
                  gradient: str, forward_backend: Backend | None = None) -> Solution:
@@ -325,21 +348,10 @@ def bridge_solve(p: Any, params: tuple[torch.Tensor, ...], adjoint_spec: SolveSp
     if gradient not in ("adjoint", "checkpointed"):
         raise E.InputError(f"bridge_solve: gradient must be 'adjoint' or 'checkpointed', got "
                            f"{gradient!r}")
-    for i, q in enumerate(params):
-        if not isinstance(q, torch.Tensor):
-            raise E.InputError(f"adjoint_params[{i}] is a {type(q).__name__}, not a tensor; pass "
-                               "the tensors func uses (e.g. tuple(module.parameters()))")
-    gparams = tuple(q for q in params if q.requires_grad)
+    gparams = _grad_params(params)
     opts = dict(adjoint_spec.options)
-    checkpoints = opts.pop("checkpoints", DEFAULT_CHECKPOINTS)
-    if not isinstance(checkpoints, int):
-        try:
-            checkpoints = [float(v) for v in torch.as_tensor(checkpoints).reshape(-1).tolist()]
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise E.InputError(f"adjoint_options['checkpoints'] must be an int or a list of "
-                               f"times, got {checkpoints!r}") from exc
-    elif checkpoints < 0:
-        raise E.InputError(f"adjoint_options['checkpoints'] must be >= 0, got {checkpoints}")
+    checkpoints = _parse_checkpoints(opts.pop("checkpoints", DEFAULT_CHECKPOINTS),
+                                     "an int or a list of times")
     opts = _adjoint_options(p, adjoint_spec.method, opts)
     n = p.y0.numel()
     sizes = tuple(q.numel() for q in gparams)

@@ -46,6 +46,8 @@ from .adjoint import (
     _event_time,
     _finish_backward,
     _forward_part,
+    _grad_params,
+    _parse_checkpoints,
 )
 from .backends.base import SolveSpec
 from .solution import Solution, Stats, Status
@@ -354,23 +356,13 @@ def interp_solve(p: Any, params: tuple[torch.Tensor, ...], adjoint_spec: SolveSp
         A flat :class:`Solution`, ``ys`` (and ``event_t``) differentiable in ``y0``, ``params``
         and ``t``; ``stats.nfe_backward`` counts record slopes and backward calls.
     """
-    for i, q in enumerate(params):
-        if not isinstance(q, torch.Tensor):
-            raise E.InputError(f"adjoint_params[{i}] is a {type(q).__name__}, not a tensor; pass "
-                               "the tensors func uses (e.g. tuple(module.parameters()))")
-    gparams = tuple(q for q in params if q.requires_grad)
+    gparams = _grad_params(params)
     opts = dict(adjoint_spec.options)
     checkpoints = opts.pop("checkpoints", "auto")
     refine = opts.pop("refine", DEFAULT_REFINE)
     max_record = opts.pop("max_record", MAX_RECORD)
-    if checkpoints != "auto" and not isinstance(checkpoints, int):
-        try:
-            checkpoints = [float(v) for v in torch.as_tensor(checkpoints).reshape(-1).tolist()]
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise E.InputError(f"adjoint_options['checkpoints'] must be 'auto', an int or a list "
-                               f"of times, got {checkpoints!r}") from exc
-    elif isinstance(checkpoints, int) and checkpoints < 0:
-        raise E.InputError(f"adjoint_options['checkpoints'] must be >= 0, got {checkpoints}")
+    if checkpoints != "auto":
+        checkpoints = _parse_checkpoints(checkpoints, "'auto', an int or a list of times")
     if not isinstance(refine, int) or refine < 0:
         raise E.InputError(f"adjoint_options['refine'] must be an int >= 0, got {refine!r}")
     if not isinstance(max_record, int) or max_record < 2:
