@@ -114,6 +114,21 @@ def test_dense_outputs_many_per_step(sync_every):
     assert int(sol.stats.steps[0]) < 40
 
 
+@pytest.mark.parametrize("method", ["tsit5", "dopri8"])
+def test_cpu_bookkeeping_matches_device_path(method):
+    # on the CPU the per-sample bookkeeping runs in NumPy (sync_every=1); sync_every=2 takes
+    # the branch-free torch path used on CUDA: both must make the same decisions
+    mu, y0 = _vdp_batch(6)
+    t = torch.linspace(0.0, 3.0, 7, dtype=DT)
+    kw = dict(rtol=1e-6, atol=1e-8, method=method, batch_dims=1)
+    a = pdb.solve(VdP(mu), y0, t, options={"sync_every": 1}, **kw)
+    b = pdb.solve(VdP(mu), y0, t, options={"sync_every": 2}, **kw)
+    torch.testing.assert_close(a.ys, b.ys, rtol=1e-14, atol=1e-14)
+    for k in ("nfe", "steps", "accepted", "rejected"):
+        assert torch.equal(getattr(a.stats, k), getattr(b.stats, k)), k
+    assert torch.equal(a.status, b.status) and int(a.stats.rejected.sum()) > 0
+
+
 def test_nan_sample_is_isolated_and_raises_naming_it():
     k = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=DT)
     y0 = torch.ones(4, 2, dtype=DT)

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..solution import Solution, Stats, Status
@@ -92,73 +94,109 @@ class _Batched:
         h = torch.minimum(100 * h0, h1)
         return torch.where(torch.isfinite(big), h, h0)
 
-    def next_h(self, h, ratio, prev, prev2):
-        """Vectorised :class:`~pydiffbridge.solvers.controller.Controller`: growth in
-        ``[1, ifactor]`` after an error ratio below 1, shrinkage in ``[dfactor, 1]`` otherwise
-        (a NaN ratio counts as infinite)."""
+    def next_h(self, ns, h, ratio, prev, prev2):
+        """Vectorised :class:`~pydiffbridge.solvers.controller.Controller` (arrays of
+        :func:`_namespace`): growth in ``[1, ifactor]`` after an error ratio below 1, shrinkage
+        in ``[dfactor, 1]`` otherwise (a NaN ratio counts as infinite)."""
         k = float(self.tab.order)
-        r = torch.nan_to_num(ratio, nan=math.inf)
-        factor = r.pow(-(self.i + self.p + self.d) / k).mul_(self.safety)
+        xp = ns.xp
+        r = xp.where(ratio == ratio, ratio, math.inf)
+        factor = r ** (-(self.i + self.p + self.d) / k) * self.safety
         if self.p or self.d:
             factor = factor * prev ** ((self.p + 2 * self.d) / k) * prev2 ** (-self.d / k)
-        factor = torch.where(r < 1, factor.clamp(1.0, self.ifactor),
-                             factor.clamp(self.dfactor, 1.0))
-        return (h * factor).clamp_(self.min_step, self.max_step)
+        factor = xp.where(r < 1, ns.clip(factor, 1.0, self.ifactor),
+                          ns.clip(factor, self.dfactor, 1.0))
+        h = h * factor
+        if self.min_step > 0 or self.max_step < math.inf:
+            h = ns.clip(h, self.min_step, self.max_step)
+        return h
 
     # -- one step for the whole batch -----------------------------------------------------
-    def step(self, tc, y, f0, hs, t1):
-        """Stages, solution, error ratio and ``f(t1, y1)`` for per-sample steps ``hs``.
+    def _buffers(self, y: torch.Tensor):
+        """The reused ``(s+1, B, n)`` stage buffer, its ``(B*n, s+1)`` transpose and rows."""
+        if self._K is None or self._K.shape[1:] != y.shape or self._K.dtype != y.dtype:
+            self._K = y.new_empty((self.s + 1, *y.shape))
+            self._Kt = self._K.view(self.s + 1, -1).t()
+            self._rows = self._K.unbind(0)
+        return self._K, self._Kt, self._rows
 
-        Without autograd the stages go into one reused ``(s+1, B, n)`` buffer; with autograd
-        they are stacked afresh so nothing saved for backward is overwritten."""
-        hy = hs.to(y.real.dtype if y.is_complex() else y.dtype)[:, None]
+    def step(self, tst, y, f0, hy, t1):
+        """Stages, solution, error ratio and ``f(t1, y1)`` for per-sample steps.
+
+        ``tst`` holds the stage times ``(s, B)``, ``hy`` the step sizes ``(B, 1)``.  The
+        stage matrix holds ``h_b * k_i`` so that every stage combination is one ``addmv``.
+        Without autograd it is one reused buffer; with autograd the stages are stacked afresh
+        so that nothing saved for backward is overwritten."""
         grad = torch.is_grad_enabled()
+        tr = tst.unbind(0)
         if grad:
-            ks = [f0]
+            hks = [hy * f0]
         else:
-            if self._K is None or self._K.shape[1:] != y.shape or self._K.dtype != y.dtype:
-                self._K = y.new_empty((self.s + 1, *y.shape))
-            K = self._K
-            K[0].copy_(f0)
-        yi = y
-        K2 = None if grad else K.view(self.s + 1, -1)  # stage i is row i of (s+1, B*n)
+            K, Kt, rows = self._buffers(y)
+            torch.mul(f0, hy, out=rows[0])
+        yflat = y.reshape(-1)
+
+        def comb(w: torch.Tensor, i: int) -> torch.Tensor:  # y + sum_j w_j h k_j, j < i
+            M = torch.stack(hks).view(i, -1).t() if grad else Kt[:, :i]
+            return torch.addmv(yflat, M, w).view(y.shape)
+
+        yi, ki = y, f0
         for i in range(1, self.s):
-            acc = torch.tensordot(self.a[i], torch.stack(ks), dims=1) if grad else \
-                torch.mv(K2[:i].t(), self.a[i]).view(y.shape)
-            yi = torch.addcmul(y, hy, acc)
-            ki = self.fc(torch.add(tc, hs, alpha=self.c[i]), yi)
+            yi = comb(self.a[i], i)
+            ki = self.f(tr[i], yi)
             if grad:
-                ks.append(ki)
+                hks.append(hy * ki)
             else:
-                K[i].copy_(ki)
-        if not self.tab.fsal:
-            comb = torch.tensordot(self.b, torch.stack(ks), dims=1) if grad else \
-                torch.mv(K2[: self.s].t(), self.b).view(y.shape)
-            y1 = torch.addcmul(y, hy, comb)
-            kend = self.fc(t1, y1)
+                torch.mul(ki, hy, out=rows[i])
+        if self.tab.fsal:
+            y1, kend = yi, ki
         else:
-            y1 = yi
-            kend = ks[-1] if grad else K[self.s - 1]
+            y1 = comb(self.b, self.s)
+            kend = self.f(t1, y1)
         if grad:
-            K = torch.stack(ks + [kend])
-        elif not self.tab.fsal:
-            K[self.s].copy_(kend)
+            K = torch.stack(hks + [hy * kend])
+        elif self.tab.fsal:
+            rows[self.s].copy_(rows[self.s - 1])
         else:
-            K[self.s].copy_(K[self.s - 1])
-        kend = K[self.s]
+            torch.mul(kend, hy, out=rows[self.s])
         with torch.no_grad():
             sc = torch.maximum(y.abs(), y1.abs()).mul_(self.rtol).add_(self.atol)
-            habs = hs.abs().to(sc.dtype)
             Kf = K.reshape(self.s + 1, -1)
             err = torch.mv(Kf[: len(self.e)].t(), self.e).view(y.shape).div_(sc)
             if self.e3 is None:
-                ratio = self.norm(err).mul_(habs)
+                ratio = self.norm(err)
             else:  # DOP853's combined 5th/3rd-order estimate
                 e3 = torch.mv(Kf[: len(self.e3)].t(), self.e3).view(y.shape).div_(sc)
-                e5n, e3n = self.norm(err) * habs, self.norm(e3) * habs
+                e5n, e3n = self.norm(err), self.norm(e3)
                 den = torch.sqrt(e5n * e5n + 0.01 * e3n * e3n)
                 ratio = torch.where(den == 0, torch.zeros_like(den), e5n * e5n / den)
         return y1, K, kend, ratio
+
+
+
+def _np_clip(x, lo, hi):
+    if lo is not None:
+        x = np.maximum(x, lo)
+    return x if hi is None else np.minimum(x, hi)
+
+
+def _namespace(use_numpy: bool, device: torch.device) -> SimpleNamespace:
+    """Array functions for the per-sample bookkeeping (times, step sizes, decisions, stats):
+    NumPy on the CPU, where an op on a ``(B,)`` vector costs a fraction of a torch op and
+    reading a value is free, and torch tensors elsewhere (no host synchronisation)."""
+    if use_numpy:
+        dts = {torch.long: np.int64, torch.bool: np.bool_, torch.float64: np.float64}
+        # (ufuncs rather than np.clip / np.take_along_axis, whose Python wrappers cost more
+        # than the work on a small batch)
+        return SimpleNamespace(
+            xp=np, to_t=torch.from_numpy, to_x=lambda v: v.detach().cpu().numpy(),
+            take=lambda a, i: a[np.arange(a.shape[0])[:, None], i],
+            clip=_np_clip,
+            full=lambda shape, v, dt: np.full(shape, v, dtype=dts[dt]))
+    return SimpleNamespace(
+        xp=torch, to_t=lambda v: v, to_x=lambda v: v,
+        take=lambda a, i: torch.gather(a, 1, i), clip=torch.clamp,
+        full=lambda shape, v, dt: torch.full(shape, v, dtype=dt, device=device))
 
 
 def solve_batched(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, tab: Tableau, rtol: Any,
@@ -180,108 +218,124 @@ def solve_batched(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, tab: Table
     m = t_out.shape[1]
     dev = y0.device
     eng = _Batched(f, tab, y0, rtol, atol, opts, parts, tdtype)
-    T = t_out.to(torch.float64)
-    t0, t_end = T[:, 0], T[:, -1]
-    direction = torch.where(t_end >= t0, 1.0, -1.0).to(torch.float64)
-    span = (t_end - t0).abs()
     max_steps = int(opts.get("max_num_steps", 100_000))
     sync_every = int(opts.get("sync_every", 8 if dev.type == "cuda" else 1))
-    host_free = dev.type == "cpu" and sync_every == 1 and not opts.get("compile")
+    tgrad = t_out.requires_grad and torch.is_grad_enabled()
+    # on the CPU with a check every step, host access is free: the bookkeeping runs in NumPy
+    # and steps that reach no output time skip the dense-output work
+    host_free = dev.type == "cpu" and sync_every == 1 and not opts.get("compile") and not tgrad
+    ns = _namespace(host_free, dev)
+    xp, to_t, to_x = ns.xp, ns.to_t, ns.to_x
     kmax = max(1, min(m - 1, int(opts.get("max_outputs_per_step", 8))))
     if tab.interp == "hermite" and tab.order >= 5:
         kmax = 1  # third-order Hermite would spoil a high-order method: land on outputs
     step = eng.step
     if opts.get("compile"):
         step = torch.compile(eng.step, dynamic=False)
+    ydt = y0.real.dtype if y0.is_complex() else y0.dtype
 
-    nsteps = torch.zeros(B, dtype=torch.long, device=dev)
-    nacc = nsteps.clone()
-    status = torch.where(t_end != t0, RUNNING, int(Status.SUCCESS)).to(torch.long)
-    ar = torch.arange(B, device=dev)
+    T = t_out.to(torch.float64)
+    Tx = to_x(T if tgrad else T.detach().contiguous())
+    t0, t_end = Tx[:, 0], Tx[:, -1]
+    direction = xp.where(t_end >= t0, 1.0, -1.0)
+    # the step-size floor: ~10 ulp of the largest time a sample passes
+    h_floor = 10 * torch.finfo(torch.float64).eps * xp.maximum(
+        abs(t_end - t0), xp.maximum(abs(t0), abs(t_end)))
+    c_col = to_x(torch.tensor(tab.c[: eng.s], dtype=torch.float64, device=dev)[:, None])
+
+    nsteps = ns.full((B,), 0, torch.long)
+    nacc = ns.full((B,), 0, torch.long)
+    status = xp.where(t_end != t0, RUNNING, int(Status.SUCCESS))
+    ar = xp.arange(B) if host_free else torch.arange(B, device=dev)
     dense = m > 2  # with only [t0, t_end] the end state is written once, after the loop
     if dense:
         # rows [0, m*B) hold the outputs (time-major); kmax*B spare rows absorb masked writes
         ys = torch.full((m * B + kmax * B, n), float("nan"), dtype=y0.dtype, device=dev)
-        ys.index_copy_(0, ar, y0)
-        idx = torch.ones(B, dtype=torch.long, device=dev)
-        jk = torch.arange(kmax, device=dev)[None, :]
+        ys[:B] = y0
+        idx = ns.full((B,), 1, torch.long)
+        jk = (xp.arange(kmax) if host_free else torch.arange(kmax, device=dev))[None, :]
         spare = m * B + jk * B + ar[:, None]
-    f0 = eng.fc(t0, y0)
-    status = torch.where((status == RUNNING) & ~torch.isfinite(f0).all(1), int(Status.NONFINITE),
-                         status)
+    f0 = eng.f(to_t(t0).to(tdtype), y0)
+    status = xp.where((status == RUNNING) & ~to_x(torch.isfinite(f0).all(1)),
+                      int(Status.NONFINITE), status)
     running = status == RUNNING
-    n_init = 1 + (running & (opts.get("first_step") is None)).long()
+    n_init = 1 + (running & (opts.get("first_step") is None))
     with torch.no_grad():
         if opts.get("first_step") is not None:
-            h = torch.full((B,), abs(float(opts["first_step"])), dtype=torch.float64, device=dev)
+            h = ns.full((B,), abs(float(opts["first_step"])), torch.float64)
         else:
-            h = eng.initial_step(t0, y0.detach(), f0.detach(), direction).abs()
-        h = h.clamp(eng.min_step, eng.max_step)
-    prev = torch.ones(B, dtype=torch.float64, device=dev)
+            h = to_x(eng.initial_step(to_t(t0), y0.detach(), f0.detach(),
+                                      to_t(direction)).abs())
+        h = xp.where(running, ns.clip(h, eng.min_step, eng.max_step), 0.0)
+    prev = ns.full((B,), 1.0, torch.float64)
     prev2 = prev
-    last_nonfinite = torch.zeros(B, dtype=torch.bool, device=dev)
-    eps10 = 10 * torch.finfo(torch.float64).eps
-    tiny = eps10 * span  # ~10 ulp of the time scale
+    last_nonfinite = ns.full((B,), False, torch.bool)
     tc, y = t0, y0
+    stop = t_end
     it = 0
-    while True:
-        if it % sync_every == 0 and not bool(running.any()):
-            break
-        it += 1
-        # where to stop: the final time, or the kmax-th pending output time
-        stop = T.gather(1, torch.clamp(idx + (kmax - 1), max=m - 1)[:, None])[:, 0] \
-            if dense else t_end
-        hit = (stop - tc) * direction <= h * (1 + 1e-12)
-        hs = torch.where(hit, stop - tc, direction * h).mul_(running)
-        t1 = torch.where(hit, stop, tc + hs)
-        y1, K, kend, ratio = step(tc, y, f0, hs, t1)
-        ratio = ratio.to(torch.float64)
-        accept = running & ((ratio <= 1.0) | (hs.abs() <= eng.min_step * (1 + 1e-12))) \
-            & torch.isfinite(ratio)
-        nsteps += running
-        nacc += accept
-        if dense:  # the pending output times inside (tc, t1]
-            oi = idx[:, None] + jk
-            tj = T.gather(1, oi.clamp(max=m - 1))
-            within = accept[:, None] & (oi < m) & ((tj - t1[:, None]) * direction[:, None] <= 0)
-            vals = None
-            if host_free and not bool(within.any()):
-                pass  # on CPU a host check is free: skip steps that cover no output time
-            elif kmax == 1:
-                vals = y1[:, None, :]
-            else:
-                hsafe = torch.where(hs == 0, torch.ones_like(hs), hs)
-                theta = ((tj - tc[:, None]) / hsafe[:, None]).to(eng.P.dtype)
-                hy = hs.to(eng.P.dtype)[:, None, None]
-                vals = torch.addcmul(y[:, None, :], hy, torch.einsum(
-                    "bkj,jbn->bkn", eng.weights(theta).to(K.dtype), K))
-                vals = torch.where((tj == t1[:, None])[..., None], y1[:, None, :], vals)
-            if vals is not None:
-                rows = torch.where(within, oi * B + ar[:, None], spare)
-                ys.index_copy_(0, rows.reshape(-1), vals.reshape(-1, n))
-                idx = idx + within.sum(1)
-        # advance the accepted samples
-        a2 = accept[:, None]
-        tc = torch.where(accept, t1, tc)
-        y = torch.where(a2, y1, y)
-        f0 = torch.where(a2, kend, f0)
-        with torch.no_grad():
-            h_new = eng.next_h(hs.abs(), ratio, prev, prev2)
-            if eng.p or eng.d:
-                prev2 = torch.where(accept, prev, prev2)
-                prev = torch.where(accept, ratio.clamp(min=1e-10), prev)
-            # status codes, in order of precedence: done, non-finite, underflow, max steps
-            bad = accept & ~torch.isfinite(y1).all(1)
-            last_nonfinite = torch.where(accept, bad, last_nonfinite | ~torch.isfinite(ratio))
-            under = h_new < torch.maximum(tiny, eps10 * tc.abs())
-            code = torch.where(last_nonfinite, int(Status.NONFINITE), int(Status.STEP_UNDERFLOW))
-            new = torch.where(accept & (tc == t_end), int(Status.SUCCESS), RUNNING)
-            new = torch.where(bad | under, code, new)
-            new = torch.where((new == RUNNING) & (nsteps >= max_steps), int(Status.MAX_STEPS),
-                              new)
-            status = torch.where(running, new, status)
-            h = torch.where(running, h_new, h)
-            running = status == RUNNING
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        while True:
+            if it % sync_every == 0 and not bool(running.any()):
+                break
+            it += 1
+            if dense:  # stop at the final time or at the kmax-th pending output time
+                stop = ns.take(Tx, ns.clip(idx + (kmax - 1), None, m - 1)[:, None])[:, 0]
+            # a sample that no longer runs has h = 0 and sits at its stop: hs = 0
+            rem = stop - tc
+            hit = abs(rem) <= h * (1 + 1e-12)
+            hs = xp.where(hit, rem, direction * h)
+            t1 = xp.where(hit, stop, tc + hs)
+            tst = to_t(tc + c_col * hs).to(tdtype)
+            hy = to_t(hs).to(ydt)[:, None]
+            y1, K, kend, ratio = step(tst, y, f0, hy, to_t(t1).to(tdtype))
+            ratio = to_x(ratio.to(torch.float64))
+            accept = running & (ratio <= 1.0)
+            if eng.min_step > 0:
+                accept = accept | (running & xp.isfinite(ratio)
+                                   & (abs(hs) <= eng.min_step * (1 + 1e-12)))
+            nsteps += running
+            nacc += accept
+            if dense:  # the pending output times inside (tc, t1]
+                oi = idx[:, None] + jk
+                tj = ns.take(Tx, ns.clip(oi, None, m - 1))
+                within = accept[:, None] & (oi < m) & ((tj - t1[:, None])
+                                                       * direction[:, None] <= 0)
+                if not host_free or bool(within.any()):
+                    if kmax == 1:
+                        vals = y1[:, None, :]
+                    else:
+                        hsafe = xp.where(hs == 0, 1.0, hs)
+                        theta = to_t((tj - tc[:, None]) / hsafe[:, None]).to(eng.P.dtype)
+                        vals = y[:, None, :] + torch.einsum(
+                            "bkj,jbn->bkn", eng.weights(theta).to(K.dtype), K)
+                        vals = torch.where(to_t(tj == t1[:, None])[..., None],
+                                           y1[:, None, :], vals)
+                    rows = xp.where(within, oi * B + ar[:, None], spare)
+                    ys.index_copy_(0, to_t(rows).reshape(-1), vals.reshape(-1, n))
+                    idx = idx + within.sum(1)
+            # advance the accepted samples
+            a2 = to_t(accept)[:, None]
+            tc = xp.where(accept, t1, tc)
+            y = torch.where(a2, y1, y)
+            f0 = torch.where(a2, kend, f0)
+            with torch.no_grad():
+                h_new = eng.next_h(ns, abs(hs), ratio, prev, prev2)
+                if eng.p or eng.d:
+                    prev2 = xp.where(accept, prev, prev2)
+                    prev = xp.where(accept, ns.clip(ratio, 1e-10, None), prev)
+                # status codes, in order of precedence: done, non-finite, underflow, max steps
+                bad = accept & ~to_x(torch.isfinite(y1).all(1))
+                last_nonfinite = xp.where(accept, bad, last_nonfinite | ~xp.isfinite(ratio))
+                new = xp.where(accept & (t1 == t_end), int(Status.SUCCESS), RUNNING)
+                code = xp.where(last_nonfinite, int(Status.NONFINITE),
+                                int(Status.STEP_UNDERFLOW))
+                new = xp.where(bad | (h_new < h_floor), code, new)
+                new = xp.where((new == RUNNING) & (nsteps >= max_steps), int(Status.MAX_STEPS),
+                               new)
+                status = xp.where(running, new, status)
+                running = status == RUNNING
+                h = xp.where(running, h_new, 0.0)
+    status, nsteps, nacc = to_t(status), to_t(nsteps), to_t(nacc)
     if dense:
         out = ys[: m * B].reshape(m, B, n)
     else:
@@ -289,13 +343,13 @@ def solve_batched(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, tab: Table
         out = torch.stack([y0, torch.where(done, y, torch.full_like(y, float("nan")))])
     # evaluations: f0 (+ the initial-step probe), s-1 per step, and for non-FSAL tableaux
     # f(t1, y1) once per accepted step (per attempted step when the error needs it)
-    nfe = n_init + (eng.s - 1) * nsteps
+    nfe = to_t(n_init) + (eng.s - 1) * nsteps
     if not tab.fsal:
         nfe = nfe + (nsteps if eng.err_needs_end else nacc)
     stats = Stats(nfe=nfe, steps=nsteps, accepted=nacc, rejected=nsteps - nacc)
     sol = Solution(ys=out, ts=t_out, stats=stats, status=status, backend="torch",
                    method=tab.name)
-    sol.message = _message(status, tc)
+    sol.message = _message(status, to_t(tc))
     return sol
 
 
@@ -409,8 +463,12 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
 
     checked = [False]
 
+    plain = not tree.is_tuple and len(bshape) == 1 and len(shapes[0]) == 2  # y0 is (B, n)
+
     def f(tt, yy):
         if checked[0] and not tree.is_tuple:  # fast path once the output shape is known good
+            if plain:
+                return func(tt, yy)
             return func(tt.reshape(bshape), yy.reshape(shapes[0])).reshape(B, -1)
         checked[0] = True
         ys = yy.reshape(shapes[0]) if not tree.is_tuple else tuple(

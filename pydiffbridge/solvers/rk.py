@@ -51,6 +51,8 @@ class StageEngine:
             return like.new_empty((self.s + 1, self.n))
         if self._buf is None or self._buf.dtype != like.dtype or self._buf.device != like.device:
             self._buf = like.new_empty((self.s + 1, self.n))
+            # views made once: the transposed stage matrix and its rows
+            self._bufT, self._rows = self._buf.t(), self._buf.unbind(0)
         return self._buf
 
     def step(self, f, t: float, y: torch.Tensor, f0: torch.Tensor, h: float,
@@ -62,15 +64,15 @@ class StageEngine:
         K = self.new_matrix(y)
         ks = [f0]
         if not grad:
-            K[0].copy_(f0)
+            KT, rows = self._bufT, self._rows
+            rows[0].copy_(f0)
         for i in range(1, self.s):
-            prev = torch.stack(ks, 0) if grad else K[:i]
-            yi = torch.addmv(y, prev.T, self.a[i], alpha=h)
+            yi = torch.addmv(y, torch.stack(ks).T if grad else KT[:, :i], self.a[i], alpha=h)
             ti = t1_eval if (t1_eval is not None and self.c[i] == 1.0) else t + self.c[i] * h
             ki = f(ti, yi)
             ks.append(ki)
             if not grad:
-                K[i].copy_(ki)
+                rows[i].copy_(ki)
         if grad:
             K = torch.stack(ks + [torch.zeros_like(f0)], 0)
         if self.tab.fsal:
@@ -78,7 +80,7 @@ class StageEngine:
             if grad:
                 K = torch.cat([K[: self.s], K[self.s - 1 : self.s]], 0)
             else:
-                K[self.s].copy_(K[self.s - 1])
+                rows[self.s].copy_(rows[self.s - 1])
         else:
             y1 = torch.addmv(y, K[: self.s].T, self.b, alpha=h)
         return y1, K
