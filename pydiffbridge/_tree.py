@@ -93,9 +93,11 @@ class Tree:
         tree = self
         if not self.is_tuple:
             shape, dtype = self.shapes[0], self.dtype
+            # reshape(*ints) is about twice as fast as reshape(torch.Size) (a call per NFE)
+            dims = tuple(int(d) for d in shape) or ((),)
 
             def flat_func_tensor(t, y):
-                out = func(t, y.reshape(shape))
+                out = func(t, y.reshape(*dims))
                 # fast path for the common case; anything else gets the full check (and error)
                 if type(out) is torch.Tensor and out.shape == shape and out.dtype == dtype:
                     return out.reshape(-1)

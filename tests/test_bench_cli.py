@@ -38,6 +38,25 @@ def test_cli_tiny_run_writes_three_outputs(tmp_path, capsys):
     assert "| ours-torch | dopri5 | 0.001 |" in md and "per-sample vs shared" in md
 
 
+def test_cli_float32_and_the_zero_overhead_bound(tmp_path):
+    out = tmp_path / "bench32"
+    rc = main(["--problems", "mlp", "--methods", "dopri5", "--tols", "1e-3", "--repeats", "1",
+               "--backends", "torch", "--peers", "torchdiffeq", "--dtype", "float32",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["meta"]["dtype"] == "float32"
+    ours = next(r for r in res["rows"] if r["solver"] == "ours-torch")
+    tdq = next(r for r in res["rows"] if r["solver"] == "torchdiffeq")
+    # the same float32 algorithm as torchdiffeq: the same NFE and (against the float64
+    # reference) nearly the same error
+    assert ours["nfe"] == tdq["nfe"]
+    assert 0 < ours["error"] and abs(ours["error"] - tdq["error"]) < 0.1 * tdq["error"]
+    md = (out / "results.md").read_text()
+    bound = tdq["time_s"] / (ours["nfe"] * ours["func_call_s"])
+    assert f"at most {bound:.2f}×" in md
+
+
 def test_unknown_problem_is_rejected(tmp_path):
     with pytest.raises(SystemExit):
         main(["--problems", "nope", "--out", str(tmp_path)])

@@ -157,7 +157,7 @@ def mlp_problem(batch: int = 256, t_end: float = 15.0, seed: int = 0) -> Problem
     t = torch.linspace(0.0, t_end, 2, dtype=torch.float64)
     ref = _cached(("mlp", batch, t_end, seed), lambda: _scipy_ref(f, y0, t, 1e-12))
     return Problem("mlp", f, y0, t, ref, f"2→64→2 tanh MLP neural ODE, batch {batch}, "
-                   f"t∈[0,{t_end:g}], float64 (ref: SciPy DOP853 rtol 1e-12)")
+                   f"t∈[0,{t_end:g}] (ref: SciPy DOP853 rtol 1e-12)")
 
 
 def vdp_problem(batch: int = 32, t_end: float = 20.0) -> Problem:
@@ -211,11 +211,15 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
 }
 
 
-def make_problem(name: str, device: str = "cpu", **kw) -> Problem:
-    """Build problem ``name`` and move its tensors and module to ``device``."""
+def make_problem(name: str, device: str = "cpu", dtype: torch.dtype = torch.float64,
+                 **kw) -> Problem:
+    """Build problem ``name`` and move its tensors and module to ``device`` and ``dtype``
+    (the reference stays in float64)."""
     p = PROBLEMS[name](**kw)
     if isinstance(p.func, torch.nn.Module):
-        p.func = p.func.to(device)
-    p.y0 = p.y0.to(device)
-    p.t = p.t.to(device)
+        p.func = p.func.to(device=device, dtype=dtype)
+    p.y0 = p.y0.to(device=device, dtype=dtype)
+    p.t = p.t.to(device=device, dtype=dtype)
+    if dtype != torch.float64:
+        p.description += f", {str(dtype).replace('torch.', '')}"
     return p

@@ -186,7 +186,8 @@ def run_bench(args: argparse.Namespace) -> dict:
     methods = args.methods.split(",")
     tols = [float(x) for x in args.tols.split(",")]
     rows = []
-    problems = [make_problem(name, args.device) for name in args.problems.split(",")]
+    dtype = getattr(torch, args.dtype)
+    problems = [make_problem(name, args.device, dtype) for name in args.problems.split(",")]
     groups = []
     for p in problems:
         table = solver_table(p, backends, peers, args.batch_mode, args.compile)
@@ -230,6 +231,7 @@ def run_bench(args: argparse.Namespace) -> dict:
     meta = dict(date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 torch=torch.__version__, python=platform.python_version(),
                 threads=torch.get_num_threads(), device=args.device, repeats=args.repeats,
+                dtype=args.dtype,
                 skipped_backends=skipped, argv=sys.argv[1:],
                 problems={p.name: p.description for p in problems})
     return {"meta": meta, "rows": rows}
@@ -245,7 +247,7 @@ def to_markdown(res: dict) -> str:
     meta, rows = res["meta"], res["rows"]
     lines = [f"# pydiffbridge benchmark ({meta['date']})", "",
              f"torch {meta['torch']}, {meta['threads']} thread(s), device {meta['device']}, "
-             f"median of {meta['repeats']} run(s).", ""]
+             f"{meta.get('dtype', 'float64')}, median of {meta['repeats']} run(s).", ""]
     for name, desc in meta["problems"].items():
         lines += [f"## {name}: {desc}", "",
                   "| solver | method | tol | NFE | steps | time (s) | error | mem (MB) | "
@@ -272,6 +274,17 @@ def to_markdown(res: dict) -> str:
                 f"{r['time_s']:.4g} | {_fmt(r['error'], '.2e')} | {_fmt(r['mem_mb'], '.2f')} | "
                 f"{_fmt(over * 1e6 if over is not None else None, '.1f')} | "
                 f"{_fmt(tr, '.2f')} | {_fmt(orat, '.2f')} |")
+        bounds = [(r, ref[(r["method"], r["tol"])]) for r in sub
+                  if r["solver"] == "ours-torch" and "skipped" not in r
+                  and (r["method"], r["tol"]) in ref and r.get("func_call_s")]
+        if bounds:
+            lines += ["", "How much faster than torchdiffeq any solver could be at our NFE (a "
+                      "solver with no overhead takes NFE × one call of func):", ""]
+            for r, q in bounds:
+                floor = r["nfe"] * r["func_call_s"]
+                lines.append(f"- {r['method']} tol {r['tol']:g}: NFE × {r['func_call_s'] * 1e6:.0f}"
+                             f" µs = {floor:.4g} s, at most {q['time_s'] / floor:.2f}× "
+                             f"(measured {q['time_s'] / r['time_s']:.2f}×)")
         pairs = [(a, b) for a in sub for b in sub if a["solver"] == "ours-torch/per-sample"
                  and b["solver"] == "ours-torch" and a["method"] == b["method"]
                  and a["tol"] == b["tol"] and "skipped" not in a and "skipped" not in b]
@@ -331,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tols", default="1e-3,1e-6", help="rtol = atol sweep")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["float64", "float32"], default="float64",
+                    help="dtype of the state and the right-hand side (errors are measured "
+                    "against float64 references)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--batch-mode", choices=["shared", "per-sample", "both"], default="shared",
                     help="our torch backend: one step size for the batch, or one per sample")

@@ -51,8 +51,10 @@ class StageEngine:
             return like.new_empty((self.s + 1, self.n))
         if self._buf is None or self._buf.dtype != like.dtype or self._buf.device != like.device:
             self._buf = like.new_empty((self.s + 1, self.n))
-            # views made once: the transposed stage matrix and its rows
-            self._bufT, self._rows = self._buf.t(), self._buf.unbind(0)
+            # views made once (slicing costs as much as a small addmv): the leading columns
+            # of the transposed stage matrix, and its rows
+            self._bufT = [self._buf.t()[:, :i] for i in range(self.s + 2)]
+            self._rows = self._buf.unbind(0)
         return self._buf
 
     def step(self, f, t: float, y: torch.Tensor, f0: torch.Tensor, h: float,
@@ -67,7 +69,7 @@ class StageEngine:
             KT, rows = self._bufT, self._rows
             rows[0].copy_(f0)
         for i in range(1, self.s):
-            yi = torch.addmv(y, torch.stack(ks).T if grad else KT[:, :i], self.a[i], alpha=h)
+            yi = torch.addmv(y, torch.stack(ks).T if grad else KT[i], self.a[i], alpha=h)
             ti = t1_eval if (t1_eval is not None and self.c[i] == 1.0) else t + self.c[i] * h
             ki = f(ti, yi)
             ks.append(ki)
