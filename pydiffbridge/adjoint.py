@@ -90,6 +90,8 @@ def _block_norm(sizes: list[int], keep: int) -> Callable[[torch.Tensor], torch.T
         sums = torch.zeros(len(sizes), dtype=sq.dtype, device=sq.device).index_add_(0, idx, sq)
         return torch.sqrt((sums / cnt).max())
 
+    if keep == sum(sizes):  # a plain block RMS: the branch-free loop computes the same norm
+        norm.rms_parts = list(sizes)
     return norm
 
 

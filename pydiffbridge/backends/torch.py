@@ -22,7 +22,9 @@ METHODS = ADAPTIVE_METHODS + FIXED_METHODS
 
 _COMMON = {"dtype", "norm", "max_num_steps", "t_max"}
 ADAPTIVE_OPTIONS = _COMMON | {"first_step", "step_t", "jump_t", "min_step", "max_step",
-                              "safety", "ifactor", "dfactor", "pcoeff", "icoeff", "dcoeff"}
+                              "safety", "ifactor", "dfactor", "pcoeff", "icoeff", "dcoeff",
+                              "loop", "sync_every"}
+LOOPS = ("auto", "host", "device")
 FIXED_OPTIONS = _COMMON | {"step_size", "grid_constructor", "perturb", "interp", "max_iters",
                            "max_order"}
 # other names users bring from torchdiffeq or other engines
@@ -68,8 +70,13 @@ class TorchBackend:
         opts = dict(spec.options)
         norm = spec.norm or _rms
         if method in ADAPTIVE_METHODS:
-            sol = solve_adaptive(func, y0, t, TABLEAUS[method], spec.rtol, spec.atol, norm, opts,
-                                 event_fn)
+            if _device_loop(opts, y0, t, norm, event_fn):
+                sol = _solve_device_loop(func, y0, t, TABLEAUS[method], spec.rtol, spec.atol,
+                                         opts, norm.rms_parts)
+            else:
+                opts.pop("sync_every", None)
+                sol = solve_adaptive(func, y0, t, TABLEAUS[method], spec.rtol, spec.atol, norm,
+                                     opts, event_fn)
         else:
             if event_fn is not None:
                 names = ", ".join(ADAPTIVE_METHODS)
@@ -83,3 +90,54 @@ class TorchBackend:
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x) / (x.numel() ** 0.5)
+
+
+_rms.rms_parts = None  # the built-in RMS norm (see _device_loop)
+
+
+def _device_loop(opts: dict, y0: torch.Tensor, t: torch.Tensor, norm, event_fn) -> bool:
+    """Whether to run the shared-step solve on the branch-free loop of
+    :mod:`~pydiffbridge.solvers.batched` (one "sample": the whole state), which never reads a
+    value back to the host inside a step; pops the ``loop`` option.
+
+    ``loop="auto"`` (default) takes it on CUDA when the solve needs nothing that only the host
+    loop has (events, ``step_t``/``jump_t``, a norm other than the (block) RMS, gradients
+    w.r.t. ``t``, complex states); ``"device"`` asks for it anywhere (and raises if one of those is asked for);
+    ``"host"`` keeps the host loop (Python floats for times and decisions)."""
+    loop = opts.pop("loop", "auto")
+    if loop not in LOOPS:
+        raise InputError(f"options['loop'] must be one of {LOOPS}, got {loop!r}")
+    if loop == "host" or (loop == "auto" and y0.device.type != "cuda"):
+        return False
+    blockers = [why for why, bad in [
+        ("event_fn", event_fn is not None),
+        ("options step_t/jump_t", bool(opts.get("step_t") or opts.get("jump_t"))),
+        ("an error norm other than the (block) RMS (a custom options['norm'], or the adjoint "
+         "seminorm: pass adjoint_options={'loop': 'host'})",
+         getattr(norm, "rms_parts", False) is False),
+        ("gradients w.r.t. t", t.requires_grad and torch.is_grad_enabled()),
+        ("a complex state", y0.is_complex()),
+    ] if bad]
+    if blockers and loop == "device":
+        raise InputError(f"options['loop']='device' cannot serve {', '.join(blockers)}; use "
+                         "loop='host' (or 'auto')")
+    return not blockers
+
+
+def _solve_device_loop(func, y0, t, tab, rtol, atol, opts, parts) -> Solution:
+    from ..solvers.batched import solve_batched
+    from ..solution import Stats, Status
+
+    def f1(tt, yy):  # the batch loop's (1,) times and (1, n) states
+        return func(tt[0], yy[0])[None]
+
+    kw = {k: v for k, v in opts.items() if k not in ("step_t", "jump_t", "t_max", "norm")}
+    tdtype = kw.pop("dtype", None) or t.dtype
+    sol = solve_batched(f1, y0[None], t[None], tab, rtol, atol, kw, parts, tdtype)
+    st = sol.stats
+    sol.ys, sol.ts = sol.ys[:, 0], t
+    sol.stats = Stats(nfe=int(st.nfe[0]), steps=int(st.steps[0]), accepted=int(st.accepted[0]),
+                      rejected=int(st.rejected[0]))
+    sol.status = Status(int(sol.status[0]))
+    sol.message = sol.message.replace("1 of 1 samples failed: sample 0: ", "")
+    return sol

@@ -207,7 +207,9 @@ def run_bench(args: argparse.Namespace) -> dict:
                     times[label] = []
                 except Exception as exc:  # noqa: BLE001 - a failing solver is a result
                     res[label]["skipped"] = f"{type(exc).__name__}: {str(exc)[:90]}"
-            ftime = _func_time(p, args.device)
+            # func's cost is sampled between the rounds too: one sample would carry a change
+            # of machine load into every overhead figure of the group
+            ftimes = [_func_time(p, args.device)]
             for _ in range(args.repeats):
                 for label in times:
                     run = table[label]
@@ -217,12 +219,15 @@ def run_bench(args: argparse.Namespace) -> dict:
                     _sync(args.device)
                     times[label].append(time.perf_counter() - t0)
                     res[label].update(nfe=nfe, steps=steps, steps_mean=steps_mean,
-                                      error=p.error(ys), func_call_s=ftime)
+                                      error=p.error(ys))
+                ftimes.append(_func_time(p, args.device, n=20))
+        ftime = statistics.median(ftimes)
         for label, r in res.items():
             if label in times:
                 med = statistics.median(times[label])
                 steps = r["steps"]
                 r["time_s"] = med
+                r["func_call_s"] = ftime
                 r["overhead_per_step_s"] = ((med - r["nfe"] * ftime) / steps
                                             if steps and steps == steps else None)
                 r["mem_mb"] = (_memory_mb(table[label], method, tol, p, args.device)

@@ -5,10 +5,14 @@ Each sample keeps its own time, step size, accept/reject decision, error norm (R
 sample's components), status and stats; a sample that has finished (or failed) is masked
 out: its step size is zero, so its state and time no longer change and its stats stop.
 
-The loop is branch-free: every decision is a ``torch.where`` on per-sample tensors, so on
-CUDA nothing is copied to the host inside a step; the only host synchronisation is the
-"anyone still running?" check every ``sync_every`` steps (default 1 on CPU, where it is
-free, and 8 on CUDA).  Stage combinations are one ``tensordot`` + one ``addcmul`` per stage.
+The loop is branch-free: every decision is a ``where`` on per-sample arrays, so on CUDA
+nothing is copied to the host inside a step; the only host synchronisation is the "anyone
+still running?" check every ``sync_every`` steps (default 1 on CPU, where it is free, and 8
+on CUDA).  The per-sample bookkeeping (times, step sizes, decisions, stats) is written once
+against an array namespace: torch tensors on the device, NumPy arrays on the CPU, where an
+op on a ``(B,)`` vector costs a fraction of a torch op and reading a value is free (so steps
+that pass no output time skip the dense-output work).  The stage matrix holds ``h_b k_i``:
+every stage combination is one ``addmv`` on a reused buffer.
 
 Dense output reuses :func:`~pydiffbridge.solvers.interp.interp_weights`.  To stay branch-free
 a step never covers more than ``max_outputs_per_step`` pending output times (default 8): a
