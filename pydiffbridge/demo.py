@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -90,8 +91,13 @@ def main(argv=None) -> dict:
         func.load_state_dict(state["func"])
         opt.load_state_dict(state["opt"])
         start_it = state["iter"]
-        for _ in range(start_it):
-            sched.step()
+        if "sched" in state:
+            sched.load_state_dict(state["sched"])
+        else:  # a checkpoint from before the schedule was saved: replay it
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(start_it):
+                    sched.step()
     solver = odeint_adjoint if args.adjoint else odeint
     kw = dict(rtol=args.rtol, atol=args.atol, method=args.method, backend=args.backend)
 
@@ -118,7 +124,8 @@ def main(argv=None) -> dict:
         loss_v = loss.item()
     train_time = time.perf_counter() - t_start
     iters = max(1, args.niters - start_it)
-    torch.save({"func": func.state_dict(), "opt": opt.state_dict(), "iter": args.niters}, ckpt)
+    torch.save({"func": func.state_dict(), "opt": opt.state_dict(),
+                "sched": sched.state_dict(), "iter": args.niters}, ckpt)
 
     with torch.no_grad():
         func.nfe = 0
