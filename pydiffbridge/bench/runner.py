@@ -75,15 +75,17 @@ def solver_table(p: Problem, backends: list[str], peers: list[str], batch_mode: 
     big = {"max_num_steps": 10**6}
     for be in backends:
         modes = ["shared", "per-sample"] if batch_mode == "both" else [batch_mode]
+        if compile_step and "per-sample" in modes:
+            modes.append("per-sample/compiled")  # side by side with the plain per-sample loop
         for mode in modes if be == "torch" else ["shared"]:
-            label = f"ours-{be}" + ("/per-sample" if mode == "per-sample" else "")
+            label = f"ours-{be}" + ("" if mode == "shared" else f"/{mode}")
 
             def run(method, tol, be=be, mode=mode):
                 opts = dict(big)
-                if mode == "per-sample" and compile_step:
+                if mode == "per-sample/compiled":
                     opts["compile"] = True
                 s = pdb.solve(p.func, p.y0, p.t, rtol=tol, atol=tol, method=method, backend=be,
-                              options=opts, batch_dims=1 if mode == "per-sample" else None)
+                              options=opts, batch_dims=None if mode == "shared" else 1)
                 if not s.success:
                     raise RuntimeError(s.message)
                 return s.ys, _as_int(s.stats.nfe), _as_int(s.stats.steps), \
@@ -203,7 +205,9 @@ def run_bench(args: argparse.Namespace) -> dict:
             for label, run in table.items():
                 res[label] = dict(problem=p.name, solver=label, method=method, tol=tol)
                 try:
+                    t0 = time.perf_counter()
                     run(method, tol)  # warm-up (and compilation, where asked)
+                    res[label]["warmup_s"] = time.perf_counter() - t0
                     times[label] = []
                 except Exception as exc:  # noqa: BLE001 - a failing solver is a result
                     res[label]["skipped"] = f"{type(exc).__name__}: {str(exc)[:90]}"
@@ -300,6 +304,15 @@ def to_markdown(res: dict) -> str:
                              f" = {a['steps'] / b['steps']:.2f}× (mean per sample "
                              f"{a['steps_mean'] / b['steps']:.2f}×), time "
                              f"{a['time_s'] / b['time_s']:.2f}×")
+            for a in sub:
+                if a["solver"].endswith("/compiled") and "time_s" in a:
+                    plain = next((r for r in sub if r["solver"] == a["solver"][:-9]
+                                  and r["method"] == a["method"] and r["tol"] == a["tol"]
+                                  and "time_s" in r), None)
+                    if plain:
+                        lines.append(f"- torch.compile, {a['method']} tol {a['tol']:g}: time "
+                                     f"{a['time_s'] / plain['time_s']:.2f}× the plain loop, "
+                                     f"after a first (compiling) run of {a['warmup_s']:.0f} s")
         lines.append("")
     if meta["skipped_backends"]:
         lines.append("Backends not available: " + "; ".join(
@@ -355,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--batch-mode", choices=["shared", "per-sample", "both"], default="shared",
                     help="our torch backend: one step size for the batch, or one per sample")
-    ap.add_argument("--compile", action="store_true", help="torch.compile our per-sample step")
+    ap.add_argument("--compile", action="store_true", help="also run our per-sample loop with its "
+                    "step compiled by torch.compile (compilation happens in the warm-up run)")
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                     help="measure memory in one extra run (default: on for CUDA; on CPU it "
                     "records what direct backprop saves, which is slow at tight tolerances)")
