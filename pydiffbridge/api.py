@@ -175,7 +175,7 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
     if gradient not in GRADIENTS:
         raise E.InputError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
     if batch_dims is not None:
-        from .solvers.batched import batched_solve
+        from .solvers.batched_api import batched_solve
 
         return batched_solve(func, y0, t, batch_dims=batch_dims, rtol=rtol, atol=atol,
                              method=method, options=options, event_fn=event_fn, backend=backend,

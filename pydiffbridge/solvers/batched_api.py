@@ -1,0 +1,164 @@
+"""``pydiffbridge.solve(..., batch_dims=k)``: the checks and the flattening around the
+per-sample loop of :mod:`pydiffbridge.solvers.batched`, and its joint adjoint."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..solution import Solution, Status
+from .batched import BATCHED_OPTIONS, solve_batched
+
+__all__ = ["batched_solve"]
+
+
+def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: Any,
+                  method: str | None, options: dict | None, event_fn: Callable | None,
+                  backend: Any, gradient: str, raise_on_failure: bool,
+                  adjoint_rtol: Any = None, adjoint_atol: Any = None,
+                  adjoint_method: str | None = None, adjoint_options: dict | None = None,
+                  adjoint_params: Any = None) -> Solution:
+    """``pydiffbridge.solve(..., batch_dims=k)``: checks, flattening and the call above.
+
+    ``y0`` (or each tensor of a tuple ``y0``) has ``k`` leading batch dimensions; ``t`` is
+    ``(m,)`` (shared) or ``batch_shape + (m,)`` (per sample).  The result has ``ys`` of shape
+    ``(m, *batch_shape, ...)``, ``ts`` of shape ``batch_shape + (m,)``, per-sample stats and
+    status (tensors of shape ``batch_shape``).
+
+    ``gradient="adjoint"`` (or ``"checkpointed"``) keeps the per-sample forward and runs one
+    joint adjoint over the whole batch through :func:`~pydiffbridge.adjoint.bridge_solve`
+    (see :mod:`pydiffbridge.solvers.batched_adjoint`); ``stats.nfe_backward`` and
+    ``stats.steps_backward`` are then ints.
+    """
+    from .. import errors as E
+    from .._tree import Tree
+    from ..api import _STATUS_ERRORS
+    from ..backends.torch import ADAPTIVE_METHODS, TorchBackend
+    from .tableaus import TABLEAUS
+
+    if not isinstance(batch_dims, int) or isinstance(batch_dims, bool) or batch_dims < 1:
+        raise E.InputError(f"batch_dims must be a positive int (leading batch dimensions of y0),"
+                           f" got {batch_dims!r}")
+    if backend not in ("torch", None) and getattr(backend, "name", None) != "torch":
+        raise E.InputError(f"batch_dims (per-sample stepping) runs on the native torch backend "
+                           f"only, got backend={backend!r}; drop batch_dims to use it")
+    if event_fn is not None:
+        raise E.InputError("batch_dims does not support event_fn; solve each sample with "
+                           "event_fn separately")
+    if gradient not in ("direct", "auto", "adjoint", "checkpointed"):
+        raise E.InputError(f"batch_dims supports gradient='direct', 'auto', 'adjoint' or "
+                           f"'checkpointed', got {gradient!r}; drop batch_dims for it")
+    tree = Tree.of(y0)
+    if not tree.dtype.is_floating_point:
+        raise E.InputError(f"y0 must be floating point, got {tree.dtype}")
+    bshape = tree.shapes[0][:batch_dims]
+    if len(tree.shapes[0]) < batch_dims or any(s[:batch_dims] != bshape for s in tree.shapes):
+        raise E.InputError(f"every tensor of y0 needs the same {batch_dims} leading batch "
+                           f"dimension(s); got shapes {[tuple(s) for s in tree.shapes]}")
+    B = math.prod(bshape)
+    rests = [s[batch_dims:] for s in tree.shapes]
+    sizes = [math.prod(r) for r in rests]
+    n_state = sum(sizes)
+    parts = sizes if tree.is_tuple else None
+    ys0 = y0 if tree.is_tuple else (y0,)
+    flat0 = torch.cat([v.reshape(B, -1) for v in ys0], 1)
+    if not bool(torch.isfinite(flat0).all()):
+        raise E.NonFiniteError("y0 contains NaN or Inf")
+    meth = TorchBackend().resolve_method(method)
+    if meth not in ADAPTIVE_METHODS:
+        raise E.InputError(f"batch_dims gives per-sample adaptive steps; method {meth!r} is "
+                           f"fixed-step (one grid for all samples): drop batch_dims for it")
+    opts = dict(options or {})
+    bad = sorted(set(opts) - BATCHED_OPTIONS)
+    if bad:
+        raise E.UnknownOptionError(f"option(s) {bad} not supported with batch_dims; accepted: "
+                                   f"{', '.join(sorted(BATCHED_OPTIONS))}")
+    t = torch.as_tensor(t, device=flat0.device)
+    t = t if t.dtype.is_floating_point else t.to(torch.float64)
+    if t.ndim == 1:
+        tb = t.expand(B, -1)
+    elif tuple(t.shape[:-1]) == tuple(bshape):
+        tb = t.reshape(B, -1)
+    else:
+        raise E.TimeGridError(f"t must have shape (m,) or batch_shape + (m,) = "
+                              f"{tuple(bshape) + ('m',)}, got {tuple(t.shape)}")
+    if tb.shape[1] < 2 or not bool(torch.isfinite(tb).all()):
+        raise E.TimeGridError("t needs at least 2 finite times per sample")
+    d = tb[:, 1:] - tb[:, :-1]
+    mono = (d > 0).all(1) | (d < 0).all(1)
+    if not bool(mono.all()):
+        b = int(torch.nonzero(~mono)[0])
+        raise E.TimeGridError(f"t of sample {b} is not strictly monotonic")
+
+    def tol(v, name):
+        if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1):
+            return float(v)
+        try:
+            return torch.cat([torch.as_tensor(x, dtype=flat0.dtype, device=flat0.device)
+                              .broadcast_to(s).reshape(B, -1) for x, s in zip(
+                                  v if tree.is_tuple else (v,), tree.shapes, strict=True)], 1)
+        except (RuntimeError, ValueError) as exc:
+            raise E.InputError(f"{name} does not broadcast to the state's shape") from exc
+
+    tdtype = opts.pop("dtype", None) or tb.dtype
+    shapes = [(*bshape, *r) for r in rests]
+
+    checked = [False]
+
+    plain = not tree.is_tuple and len(bshape) == 1 and len(shapes[0]) == 2  # y0 is (B, n)
+
+    def f(tt, yy):
+        if checked[0] and not tree.is_tuple:  # fast path once the output shape is known good
+            if plain:
+                return func(tt, yy)
+            return func(tt.reshape(bshape), yy.reshape(shapes[0])).reshape(B, -1)
+        checked[0] = True
+        ys = yy.reshape(shapes[0]) if not tree.is_tuple else tuple(
+            p.reshape(sh) for p, sh in zip(torch.split(yy, sizes, 1), shapes, strict=True))
+        out = func(tt.reshape(bshape), ys)
+        outs = out if tree.is_tuple and isinstance(out, (tuple, list)) else (out,)
+        if len(outs) != len(shapes) or any(not isinstance(o, torch.Tensor) or o.shape != sh
+                                           for o, sh in zip(outs, shapes, strict=True)):
+            raise E.RHSError(f"func must return dy/dt with the state's shape(s) {shapes}, got "
+                             f"{[getattr(o, 'shape', type(o).__name__) for o in outs]}")
+        return out.reshape(B, -1) if not tree.is_tuple else torch.cat(
+            [o.reshape(B, -1) for o in outs], 1)
+
+    params = ()
+    if gradient in ("adjoint", "checkpointed") and torch.is_grad_enabled():
+        from ..api import _adjoint_params
+        params = _adjoint_params(func, adjoint_params)
+        if not (flat0.requires_grad or t.requires_grad or any(q.requires_grad for q in params)):
+            gradient = "direct"  # nothing to differentiate: the plain forward solve
+    else:
+        gradient = "direct"
+    if gradient == "direct":
+        sol = solve_batched(f, flat0, tb, TABLEAUS[meth],
+                            tol(rtol, "rtol"), tol(atol, "atol"), opts, parts, tdtype)
+    else:
+        adj = dict(options=adjoint_options, method=adjoint_method,
+                   rtol=None if adjoint_rtol is None else tol(adjoint_rtol, "adjoint_rtol"),
+                   atol=None if adjoint_atol is None else tol(adjoint_atol, "adjoint_atol"))
+        from .batched_adjoint import bridge_batched
+
+        sol = bridge_batched(f, flat0, t, tb, TABLEAUS[meth], tol(rtol, "rtol"),
+                              tol(atol, "atol"), opts, parts or [n_state], tdtype, params,
+                              gradient, adj)
+    sol.ts = tb.reshape(*bshape, -1) if t.ndim > 1 else t
+    m = sol.ys.shape[0]
+    ys = sol.ys.reshape(m, B, -1)
+    pieces = torch.split(ys, sizes, 2)
+    out = tuple(p.reshape(m, *bshape, *r) for p, r in zip(pieces, rests, strict=True))
+    sol.ys = out if tree.is_tuple else out[0]
+    sol.status = sol.status.reshape(bshape)
+    for k in ("nfe", "steps", "accepted", "rejected"):
+        setattr(sol.stats, k, getattr(sol.stats, k).reshape(bshape))
+    if raise_on_failure and not sol.success:
+        first = Status(int(sol.status.reshape(-1)[sol.status.reshape(-1) != 0][0]))
+        raise _STATUS_ERRORS.get(first, E.SolverError)(f"torch/{meth} (batch_dims): "
+                                                       f"{sol.message}")
+    return sol
+
