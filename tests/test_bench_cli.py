@@ -39,6 +39,7 @@ def test_cli_tiny_run_writes_three_outputs(tmp_path, capsys):
 
 
 def test_cli_float32_and_the_zero_overhead_bound(tmp_path):
+    pytest.importorskip("torchdiffeq", reason="the peer comparison needs torchdiffeq")
     out = tmp_path / "bench32"
     rc = main(["--problems", "mlp", "--methods", "dopri5", "--tols", "1e-3", "--repeats", "1",
                "--backends", "torch", "--peers", "torchdiffeq", "--dtype", "float32",
@@ -79,3 +80,29 @@ def test_mlp_trace_is_the_jacobian_trace():
     jac = torch.stack([torch.autograd.functional.jacobian(lambda v: f(0.0, v), y[i])
                        for i in range(4)])
     torch.testing.assert_close(f.trace_jac(y), jac.diagonal(dim1=1, dim2=2).sum(-1))
+
+
+def test_sync_check_counts_host_reads_per_step(tmp_path):
+    # the host loop decides in Python floats: at least one read per step; the branch-free
+    # loops read once per sync_every steps (the same torch code path as on CUDA)
+    from pydiffbridge.bench import sync_check as S
+
+    assert S.main(["--device", "cpu", "--sync-every", "8", "--out", str(tmp_path)]) == 0
+    rows = {r["kind"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    assert set(rows) == set(S.KINDS)
+    assert rows["shared/host loop"]["host_reads_per_step"] >= 1.0
+    for kind in ("shared/device loop", "per-sample"):
+        r = rows[kind]
+        assert r["runs"][1]["steps"] > r["runs"][0]["steps"] + 50
+        assert r["host_reads_per_step"] <= 1 / 8 + 0.02, kind
+    assert "per extra step" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+def test_sync_check_on_cuda_no_sync_inside_steps():
+    from pydiffbridge.bench import sync_check as S
+
+    for kind in ("shared/device loop", "per-sample"):
+        r = S.marginal_reads(kind, "cuda", sync_every=8)
+        assert r["cuda_syncs_per_step"] <= 1 / 8 + 0.02, (kind, r)
+        assert r["host_reads_per_step"] <= 1 / 8 + 0.02, (kind, r)
