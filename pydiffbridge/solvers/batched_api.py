@@ -124,6 +124,8 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
                                            for o, sh in zip(outs, shapes, strict=True)):
             raise E.RHSError(f"func must return dy/dt with the state's shape(s) {shapes}, got "
                              f"{[getattr(o, 'shape', type(o).__name__) for o in outs]}")
+        if plain:
+            f.checked = func  # the loop may call func itself from now on (no wrapper)
         return out.reshape(B, -1) if not tree.is_tuple else torch.cat(
             [o.reshape(B, -1) for o in outs], 1)
 
