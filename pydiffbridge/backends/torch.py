@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import InputError, UnknownMethodError, UnknownOptionError
-from ..solution import Solution
+from ..solution import Solution, Stats, Status
 from ..solvers.fixed import ADAMS, solve_fixed
 from ..solvers.rk import solve_adaptive
 from ..solvers.tableaus import TABLEAUS
@@ -102,8 +102,9 @@ def _device_loop(opts: dict, y0: torch.Tensor, t: torch.Tensor, norm, event_fn) 
 
     ``loop="auto"`` (default) takes it on CUDA when the solve needs nothing that only the host
     loop has (events, ``step_t``/``jump_t``, a norm other than the (block) RMS, gradients
-    w.r.t. ``t``, complex states); ``"device"`` asks for it anywhere (and raises if one of those is asked for);
-    ``"host"`` keeps the host loop (Python floats for times and decisions)."""
+    w.r.t. ``t``, complex states); ``"device"`` asks for it anywhere (and raises if one of
+    those is asked for); ``"host"`` keeps the host loop (Python floats for times and
+    decisions)."""
     loop = opts.pop("loop", "auto")
     if loop not in LOOPS:
         raise InputError(f"options['loop'] must be one of {LOOPS}, got {loop!r}")
@@ -125,8 +126,7 @@ def _device_loop(opts: dict, y0: torch.Tensor, t: torch.Tensor, norm, event_fn) 
 
 
 def _solve_device_loop(func, y0, t, tab, rtol, atol, opts, parts) -> Solution:
-    from ..solvers.batched import solve_batched
-    from ..solution import Stats, Status
+    from ..solvers.batched import solve_batched  # imported late: it is not needed on the CPU
 
     def f1(tt, yy):  # the batch loop's (1,) times and (1, n) states
         return func(tt[0], yy[0])[None]

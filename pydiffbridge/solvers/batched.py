@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..solution import Solution, Stats, Status
+from .controller import error_scale
 from .interp import interp_weights
 from .tableaus import Tableau
 
@@ -170,23 +171,21 @@ class _Batched:
         else:
             torch.mul(kend, hy, out=rows[self.s])
         with torch.no_grad():
-            sc = torch.maximum(y.abs(), y1.abs()).mul_(self.rtol).add_(self.atol)
-            Kf = K.reshape(self.s + 1, -1)
-            Ke = Kf[: len(self.e)].t() if grad else Kt[len(self.e)]
-            err = None if self.e3 is None and self.parts is None else \
-                torch.mv(Ke, self.e).view(B, n).div_(sc)
-            if self.e3 is None and self.parts is None:  # RMS with 1/sqrt(n) in the weights
-                ratio = torch.linalg.vector_norm(
-                    torch.mv(Ke, self.e_rms).view(B, n).div_(sc), dim=1)
+            sc = error_scale(y, y1, self.rtol, self.atol)
+
+            def scaled(w: torch.Tensor) -> torch.Tensor:  # sum_i w_i h k_i / sc, per sample
+                M = K.reshape(self.s + 1, -1)[: len(w)].t() if grad else Kt[len(w)]
+                return torch.mv(M, w).view(B, n).div_(sc)
+
+            if self.e3 is None and self.parts is None:  # plain RMS: 1/sqrt(n) in the weights
+                ratio = torch.linalg.vector_norm(scaled(self.e_rms), dim=1)
             elif self.e3 is None:
-                ratio = self.norm(err)
+                ratio = self.norm(scaled(self.e))
             else:  # DOP853's combined 5th/3rd-order estimate
-                e3 = torch.mv(Kf[: len(self.e3)].t(), self.e3).view(B, n).div_(sc)
-                e5n, e3n = self.norm(err), self.norm(e3)
+                e5n, e3n = self.norm(scaled(self.e)), self.norm(scaled(self.e3))
                 den = torch.sqrt(e5n * e5n + 0.01 * e3n * e3n)
                 ratio = torch.where(den == 0, torch.zeros_like(den), e5n * e5n / den)
         return y1, K, kend, ratio
-
 
 
 def _np_clip(x, lo, hi):

@@ -8,16 +8,20 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Controller", "initial_step", "error_ratio"]
+__all__ = ["Controller", "initial_step", "error_ratio", "error_scale"]
 
 Norm = Callable[[torch.Tensor], torch.Tensor]
 
 
+def error_scale(y0: torch.Tensor, y1: torch.Tensor, rtol, atol) -> torch.Tensor:
+    """``atol + rtol * max(|y0|, |y1|)``: the scale of an error estimate (Hairer I, II.4.11)."""
+    return torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol)
+
+
 def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol, atol,
                 norm: Norm) -> float:
-    """``norm(err / (atol + rtol * max(|y0|, |y1|)))`` as a Python float (Hairer I, II.4.11)."""
-    scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol)
-    return float(norm(err / scale))
+    """``norm(err / error_scale(y0, y1))`` as a Python float."""
+    return float(norm(err / error_scale(y0, y1, rtol, atol)))
 
 
 def initial_step(f, t0: float, y0: torch.Tensor, f0: torch.Tensor, direction: float, order: int,

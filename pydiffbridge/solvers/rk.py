@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..solution import Solution, Stats, Status
-from .controller import Controller, error_ratio, initial_step
+from .controller import Controller, error_ratio, error_scale, initial_step
 from .events import EventTracker
 from .interp import interp_weights
 from .tableaus import Tableau
@@ -99,7 +99,7 @@ class StageEngine:
     def rms_ratio(self, K, h: float, y, y1, rtol, atol) -> float:
         """:func:`error_ratio` for the built-in RMS norm with ``h`` taken out of the norm
         (``rms(h e / s) = |h| rms(e / s)``): fewer tensor ops per step."""
-        scale = torch.maximum(y.abs(), y1.abs()).mul_(rtol).add_(atol)
+        scale = error_scale(y, y1, rtol, atol)
         return abs(h) * float(torch.linalg.vector_norm(self.error_dir(K).div_(scale))) \
             * self.inv_sqrt_n
 
@@ -269,7 +269,7 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
 
 def _dop853_ratio(err5, err3, y0, y1, rtol, atol, norm) -> float:
     """Hairer's DOP853 combination of the 5th and 3rd order estimates."""
-    scale = torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol)
+    scale = error_scale(y0, y1, rtol, atol)
     e5 = float(norm(err5 / scale))
     e3 = float(norm(err3 / scale))
     if e5 == 0.0 and e3 == 0.0:
