@@ -103,6 +103,9 @@ class Tree:
                     return out.reshape(-1)
                 return tree.check_output(out, where, t)
 
+            # for the no-autograd loop that calls func on views of its own buffers
+            flat_func_tensor.shaped = (func, shape, dtype,
+                                       lambda out, t: tree.check_output(out, where, t))
             return flat_func_tensor
 
         def flat_func(t, y):

@@ -19,89 +19,10 @@ from ..solution import Solution, Stats, Status
 from .controller import Controller, error_ratio, error_scale, initial_step
 from .events import EventTracker
 from .interp import interp_weights
+from .stages import LeanStages, StageEngine, lean_func
 from .tableaus import Tableau
 
-__all__ = ["solve_adaptive", "StageEngine"]
-
-
-class StageEngine:
-    """Evaluates the stages of one explicit RK step for a given tableau.
-
-    Stage combinations are one ``addmv`` each over the matrix of previous stages.  Without
-    autograd the stage matrix is a buffer reused from step to step; with autograd it is
-    rebuilt each step so that no tensor saved for backward is overwritten.
-    """
-
-    def __init__(self, tab: Tableau, y0: torch.Tensor):
-        self.tab = tab
-        self.s = tab.stages
-        kw = dict(dtype=y0.dtype, device=y0.device)
-        self.a = [torch.tensor(r, **kw) if r else None for r in tab.a]
-        self.b = torch.tensor(tab.b, **kw)
-        self.e = torch.tensor(tab.e, **kw) if tab.e is not None else None
-        self.e3 = torch.tensor(tab.e3, **kw) if tab.e3 is not None else None
-        self.c = tab.c
-        self.n = y0.numel()
-        self.inv_sqrt_n = 1.0 / math.sqrt(max(self.n, 1))
-        self._buf = None
-        # does the error estimate need f(t1, y1) before the accept decision?
-        self.err_needs_end = tab.e is not None and len(tab.e) > self.s
-
-    def new_matrix(self, like: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            return like.new_empty((self.s + 1, self.n))
-        if self._buf is None or self._buf.dtype != like.dtype or self._buf.device != like.device:
-            self._buf = like.new_empty((self.s + 1, self.n))
-            # views made once (slicing costs as much as a small addmv): the leading columns
-            # of the transposed stage matrix, and its rows
-            self._bufT = [self._buf.t()[:, :i] for i in range(self.s + 2)]
-            self._rows = self._buf.unbind(0)
-        return self._buf
-
-    def step(self, f, t: float, y: torch.Tensor, f0: torch.Tensor, h: float,
-             t1_eval: float | None = None):
-        """Return ``(y1, K)`` where ``K`` holds the stages (row ``s`` is left for
-        ``f(t1, y1)``; for FSAL tableaux it is filled here).  ``t1_eval`` replaces the time of
-        the stages at ``c = 1`` (just before a discontinuity at the step's end)."""
-        grad = torch.is_grad_enabled()
-        K = self.new_matrix(y)
-        ks = [f0]
-        if not grad:
-            KT, rows = self._bufT, self._rows
-            rows[0].copy_(f0)
-        for i in range(1, self.s):
-            yi = torch.addmv(y, torch.stack(ks).T if grad else KT[i], self.a[i], alpha=h)
-            ti = t1_eval if (t1_eval is not None and self.c[i] == 1.0) else t + self.c[i] * h
-            ki = f(ti, yi)
-            ks.append(ki)
-            if not grad:
-                rows[i].copy_(ki)
-        if grad:
-            K = torch.stack(ks + [torch.zeros_like(f0)], 0)
-        if self.tab.fsal:
-            y1 = yi  # the last stage is evaluated at y1 itself
-            if grad:
-                K = torch.cat([K[: self.s], K[self.s - 1 : self.s]], 0)
-            else:
-                rows[self.s].copy_(rows[self.s - 1])
-        else:
-            y1 = torch.addmv(y, K[: self.s].T, self.b, alpha=h)
-        return y1, K
-
-    def error(self, K: torch.Tensor, h: float) -> torch.Tensor:
-        return self.error_dir(K) * h
-
-    def error_dir(self, K: torch.Tensor) -> torch.Tensor:
-        """The error estimate per unit step, ``sum_i e_i k_i``."""
-        m = len(self.tab.e)
-        return torch.mv(self._bufT[m] if K is self._buf else K[:m].T, self.e)
-
-    def rms_ratio(self, K, h: float, y, y1, rtol, atol) -> float:
-        """:func:`error_ratio` for the built-in RMS norm with ``h`` taken out of the norm
-        (``rms(h e / s) = |h| rms(e / s)``): fewer tensor ops per step."""
-        scale = error_scale(y, y1, rtol, atol)
-        return abs(h) * float(torch.linalg.vector_norm(self.error_dir(K).div_(scale))) \
-            * self.inv_sqrt_n
+__all__ = ["solve_adaptive"]
 
 
 def _stops(t0: float, t1: float, direction: float, *lists) -> list[float]:
@@ -157,8 +78,13 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
         icoeff=float(opts.get("icoeff", 1.0)),
         dcoeff=float(opts.get("dcoeff", 0.0)),
     )
-    eng = StageEngine(tab, y0)
     plain_rms = getattr(norm, "rms_parts", False) is None and not y0.is_complex()
+    # no autograd, one tensor, no events: stages on reused buffers (see solvers/stages.py)
+    shaped = lean_func(f)
+    lean = (shaped is not None and not torch.is_grad_enabled() and not y0.is_complex()
+            and event_fn is None)
+    eng = LeanStages(tab, y0, shaped, tdtype) if lean else StageEngine(tab, y0)
+    lean_ratio = lean and plain_rms and tab.error_kind != "dop853"
 
     outputs: list[torch.Tensor | None] = [None] * m
     outputs[0] = y0
@@ -196,36 +122,43 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
         t1 = stop if hit_stop else tc + hs
         at_jump = hit_stop and t1 in jump_set
         t1_eval = math.nextafter(t1, tc) if at_jump else None
-        y1, K = eng.step(fc, tc, y, f0, hs, t1_eval)
+        if lean:
+            y1, K = eng.step_lean(tc, y, f0, hs, t1_eval), eng._buf
+            nfe[0] += eng.s - 1
+        else:
+            y1, K = eng.step(fc, tc, y, f0, hs, t1_eval)
         if eng.err_needs_end:
             kend = fc(t1_eval if at_jump else t1, y1)
             K[eng.s] = kend
-        with torch.no_grad():
-            if tab.error_kind == "dop853":
-                e3 = torch.mv(K[: len(tab.e3)].T, eng.e3) * hs
-                ratio = _dop853_ratio(eng.error(K, hs), e3, y, y1, rtol, atol, norm)
-            elif plain_rms:
-                ratio = eng.rms_ratio(K, hs, y, y1, rtol, atol)
-            else:
-                ratio = error_ratio(eng.error(K, hs), y, y1, rtol, atol, norm)
+        if lean_ratio:  # (already without autograd)
+            ratio = eng.ratio_lean(hs, y, y1, rtol, atol)
+        else:
+            ratio = _ratio(eng, K, tab, hs, y, y1, rtol, atol, norm, plain_rms)
         stats.steps += 1
         finite = math.isfinite(ratio)
         accept = finite and (ratio <= 1.0 or abs(hs) <= min_step * (1 + 1e-12))
         if accept:
             stats.accepted += 1
+            if not (eng.y1_finite if lean_ratio else bool(torch.isfinite(y1).all())):
+                # before the dense output: the rows from here on stay NaN
+                status, message = Status.NONFINITE, f"the solution became NaN/Inf at t={t1:.6g}"
+                break
             if not tab.fsal and not eng.err_needs_end:
                 kend = fc(t1_eval if at_jump else t1, y1)
                 K = _set_end(K, eng.s, kend)
             elif tab.fsal:
                 # K is a reused buffer without autograd: copy, or a rejected next step would
-                # overwrite f0 (K[s]) with the rejected step's last stage
-                kend = K[eng.s] if torch.is_grad_enabled() else eng._rows[eng.s].clone()
+                # overwrite f0 (K[s]) with the rejected step's last stage (lean: into K[0])
+                kend = (K[eng.s] if torch.is_grad_enabled() else eng._rows[eng.s - 1] if lean
+                        else eng._rows[eng.s].clone())
             # dense output for requested times in (tc, t1]
             j0 = out_idx
             while out_idx < m and (ts[out_idx] - t1) * direction <= 0:
                 out_idx += 1
             if out_idx > j0:
-                _fill(outputs, j0, out_idx, ts, t, tc, t1, hs, y, y1, K, tab, tgrad)
+                if lean and tab.fsal:
+                    eng.fill_end()
+                _fill(outputs, j0, out_idx, ts, t, tc, t1, hs, y, y1, K, tab, tgrad, lean)
             if events is not None:
                 ev = events.check(tc, t1, hs, y, y1, K, tab)
                 if ev is not None:
@@ -238,11 +171,11 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
                         event_t=event_t)
             tc, y = t1, y1
             f0 = kend
+            if lean:  # the next step's first stage: K[0] (which no retry overwrites)
+                eng.accepted(y1)
+                f0 = eng._rows[0].copy_(kend)
             if at_jump:
                 f0 = fc(math.nextafter(t1, direction * math.inf), y1)
-            if not bool(torch.isfinite(y1).all()):
-                status, message = Status.NONFINITE, f"the solution became NaN/Inf at t={t1:.6g}"
-                break
             last_nonfinite = False
         else:
             stats.rejected += 1
@@ -267,6 +200,17 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
     return _finish(outputs, y, ts, t, stats, nfe, status, message, event_t)
 
 
+def _ratio(eng, K, tab, hs, y, y1, rtol, atol, norm, plain_rms) -> float:
+    """The step's error ratio (general path)."""
+    with torch.no_grad():
+        if tab.error_kind == "dop853":
+            e3 = torch.mv(K[: len(tab.e3)].T, eng.e3) * hs
+            return _dop853_ratio(eng.error(K, hs), e3, y, y1, rtol, atol, norm)
+        if plain_rms:
+            return eng.rms_ratio(K, hs, y, y1, rtol, atol)
+        return error_ratio(eng.error(K, hs), y, y1, rtol, atol, norm)
+
+
 def _dop853_ratio(err5, err3, y0, y1, rtol, atol, norm) -> float:
     """Hairer's DOP853 combination of the 5th and 3rd order estimates."""
     scale = error_scale(y0, y1, rtol, atol)
@@ -284,7 +228,8 @@ def _set_end(K: torch.Tensor, s: int, kend: torch.Tensor) -> torch.Tensor:
     return K
 
 
-def _fill(outputs, j0, j1, ts, t, tc, t1, hs, y, y1, K, tab, tgrad=False):
+def _fill(outputs, j0, j1, ts, t, tc, t1, hs, y, y1, K, tab, tgrad=False, copy_end=False):
+    """Dense output at ``ts[j0:j1]`` inside the step; ``copy_end``: ``y1`` is a buffer."""
     rdt = y.real.dtype
     if tgrad:  # keep d/dt_j and d/dt_0 (see solve_adaptive)
         theta = ((t[j0:j1] - t[0]).to(rdt) - (tc - ts[0])) / hs
@@ -297,7 +242,7 @@ def _fill(outputs, j0, j1, ts, t, tc, t1, hs, y, y1, K, tab, tgrad=False):
     # unbind: indexing rows one by one makes backward quadratic in the number of outputs
     rows = (y[None, :] + hs * (W @ K)).unbind(0)
     for i, j in enumerate(range(j0, j1)):
-        outputs[j] = y1 if exact[i] else rows[i]
+        outputs[j] = (y1.clone() if copy_end else y1) if exact[i] else rows[i]
 
 
 def _finish(outputs, y_last, ts, t, stats, nfe, status, message, event_t) -> Solution:
