@@ -379,3 +379,78 @@ def test_adjoint_bad_inputs_raise():
     t = torch.tensor([[0.0, 1.0], [0.0, 2.0]], dtype=DT, requires_grad=True)
     with pytest.raises(E.InputError, match="per-sample output times"):
         pdb.solve(f, y0, t, batch_dims=1, gradient="adjoint")
+
+
+# -- the no-autograd CPU path: stage inputs, times and step sizes on reused buffers ----------
+
+def _grad_vs_nograd(f, y0, t, **kw):
+    a = pdb.solve(f, y0, t, batch_dims=1, **kw)  # autograd on: stages stacked afresh
+    with torch.no_grad():
+        b = pdb.solve(f, y0, t, batch_dims=1, **kw)
+    for k in ("nfe", "steps", "accepted", "rejected"):
+        assert torch.equal(getattr(a.stats, k), getattr(b.stats, k)), k
+    assert torch.equal(a.status, b.status)
+    return a, b
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3", "dopri8"])
+def test_buffered_path_matches_autograd_path_and_scipy(method):
+    mu, y0 = _vdp_batch(6)
+    t = torch.linspace(0.0, 3.0, 7, dtype=DT)
+    a, b = _grad_vs_nograd(VdP(mu), y0, t, rtol=1e-7, atol=1e-9, method=method)
+    assert int(b.stats.rejected.sum()) > 0  # masked (partly rejected) steps ran
+    torch.testing.assert_close(b.ys, a.ys.detach(), rtol=1e-13, atol=1e-13)
+    for i in (0, 5):
+        ref = scipy_integrate.solve_ivp(
+            lambda tt, yy, m=float(mu[i]): [yy[1], m * (1 - yy[0] ** 2) * yy[1] - yy[0]],
+            (0.0, 3.0), y0[i].numpy(), method="DOP853", rtol=1e-13, atol=1e-13,
+            t_eval=t.numpy())
+        torch.testing.assert_close(b.ys[:, i], torch.from_numpy(ref.y.T), rtol=1e-4, atol=1e-5)
+
+
+def test_buffered_path_time_dependent_float32_and_outputs_kept():
+    # each sample's own time reaches func (t buffers are rewritten every step: the outputs
+    # must not alias them), float32 state and times (cast buffers)
+    w = torch.tensor([1.0, 2.0, 3.0])
+    y0 = torch.zeros(3, 1)
+    t = torch.linspace(0, 2, 9)
+    f = lambda tt, y: torch.cos(w * tt)[:, None]  # noqa: E731
+    a, b = _grad_vs_nograd(f, y0, t, rtol=1e-6, atol=1e-7)
+    exact = (torch.sin(w[None, :] * t[:, None]) / w)[..., None]
+    torch.testing.assert_close(b.ys, exact, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.ys, a.ys, rtol=1e-6, atol=1e-7)
+
+
+def test_buffered_path_nan_sample_and_max_steps():
+    k = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=DT)
+    y0 = torch.ones(4, 2, dtype=DT)
+    t = torch.linspace(0, 2, 5, dtype=DT)
+
+    def f(tt, y):
+        dy = -k[:, None] * y
+        poison = torch.zeros_like(dy)
+        poison[2] = torch.where(tt[2] > 0.7, float("nan"), 0.0)
+        return dy + poison
+
+    a, b = _grad_vs_nograd(f, y0, t, rtol=1e-8, atol=1e-10)
+    assert int(b.status[2]) == Status.NONFINITE and torch.isnan(b.ys[-1, 2]).all()
+    exact = torch.exp(-k[None, :, None] * t[:, None, None]).expand(5, 4, 2)
+    torch.testing.assert_close(b.ys[:, [0, 1, 3]], exact[:, [0, 1, 3]], rtol=1e-6, atol=1e-8)
+    mu = torch.tensor([0.5, 30.0], dtype=DT)
+    yv = torch.tensor([[2.0, 0.0], [2.0, 0.0]], dtype=DT)
+    a, b = _grad_vs_nograd(VdP(mu), yv, torch.tensor([0.0, 20.0], dtype=DT), rtol=1e-6,
+                           atol=1e-8, options={"max_num_steps": 300})
+    assert [int(v) for v in b.status] == [Status.SUCCESS, Status.MAX_STEPS]
+
+
+def test_buffered_path_state_overflow_is_caught():
+    # dy/dt = 1e308 for sample 1: a zero error estimate (every step accepted) while its state
+    # overflows to inf; the sum-based finiteness check must catch it, sample 0 unaffected
+    y0 = torch.zeros(2, 2, dtype=DT)
+    t = torch.tensor([0.0, 1.0, 2.0], dtype=DT)
+    rate = torch.tensor([[1.0], [1e308]], dtype=DT)
+    a, b = _grad_vs_nograd(lambda tt, y: rate.expand(2, 2), y0, t)
+    assert [int(v) for v in b.status] == [Status.SUCCESS, Status.NONFINITE]
+    torch.testing.assert_close(b.ys[:, 0], torch.tensor([[0.0] * 2, [1.0] * 2, [2.0] * 2],
+                                                        dtype=DT))
+    assert not torch.isinf(b.ys).any()

@@ -23,6 +23,7 @@ step that would pass more lands on the last of them.  The final time is always l
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -120,13 +121,23 @@ class _Batched:
     # -- one step for the whole batch -----------------------------------------------------
     def _buffers(self, y: torch.Tensor):
         """The reused ``(s+1, B, n)`` stage buffer, the leading columns of its ``(B*n, s+1)``
-        transpose and its rows."""
+        transpose and its rows; with it (all made once: an allocation, a view or a slice
+        costs about as much as the small op that uses it) the stage inputs ``Y`` (rows
+        ``1..s-1``; ``y1`` alternates between rows ``s`` and ``s+1`` so that the state a step
+        starts from is never overwritten), ``|Y|`` and the error buffers."""
         if self._K is None or self._K.shape[1:] != y.shape or self._K.dtype != y.dtype:
-            self._K = y.new_empty((self.s + 1, *y.shape))
-            Kt = self._K.view(self.s + 1, -1).t()
-            # slicing costs as much as a small addmv: the leading-column views are made once
-            self._Kt = [Kt[:, :i] for i in range(self.s + 2)]
+            s, (B, n) = self.s, y.shape
+            self._K = y.new_empty((s + 1, B, n))
+            Kt = self._K.view(s + 1, -1).t()
+            self._Kt = [Kt[:, :i] for i in range(s + 2)]
             self._rows = self._K.unbind(0)
+            Y = y.new_empty((s + 2, B, n))
+            self._Yv, self._Yf = Y.unbind(0), Y.view(s + 2, -1).unbind(0)
+            self._flat = {id(v): f for v, f in zip(self._Yv, self._Yf, strict=True)}
+            self._A = y.new_empty((s + 2, B, n)).unbind(0)  # |Y| (row 0: a state from elsewhere)
+            self._sc, err = y.new_empty((B, n)), y.new_empty((B, n))
+            self._err, self._errf = err, err.view(-1)
+            self._abs_of, self._abs_row, self.alt = None, 0, s
         return self._K, self._Kt, self._rows
 
     def step(self, tst, y, f0, hy, t1):
@@ -138,22 +149,31 @@ class _Batched:
         so that nothing saved for backward is overwritten."""
         grad = torch.is_grad_enabled()
         f = getattr(self.f, "checked", None) or self.f  # the bare func once its output checked
-        tr = tst.unbind(0)
+        tr = tst if isinstance(tst, (tuple, list)) else tst.unbind(0)
+        s = self.s
+        B, n = y.shape  # view(ints) is about twice as fast as view(torch.Size)
         if grad:
             hks = [hy * f0]
+            yflat = y.reshape(-1)
         else:
             K, Kt, rows = self._buffers(y)
             torch.mul(f0, hy, out=rows[0])
-        yflat = y.reshape(-1)
-        B, n = y.shape  # view(ints) is about twice as fast as view(torch.Size)
+            yflat = self._flat.get(id(y))
+            if yflat is None:
+                yflat = y.reshape(-1)
+            # y1's row: the one of the two that does not hold y
+            self.alt = alt = s + 1 if y is self._Yv[s] else s
+            last = alt if self.tab.fsal else s - 1
 
-        def comb(w: torch.Tensor, i: int) -> torch.Tensor:  # y + sum_j w_j h k_j, j < i
-            M = torch.stack(hks).view(i, -1).t() if grad else Kt[i]
-            return torch.addmv(yflat, M, w).view(B, n)
+        def comb(w: torch.Tensor, i: int, j: int) -> torch.Tensor:  # y + sum_l w_l h k_l, l < i
+            if grad:
+                return torch.addmv(yflat, torch.stack(hks).view(i, -1).t(), w).view(B, n)
+            torch.addmv(yflat, Kt[i], w, out=self._Yf[j])
+            return self._Yv[j]
 
         yi, ki = y, f0
-        for i in range(1, self.s):
-            yi = comb(self.a[i], i)
+        for i in range(1, s):
+            yi = comb(self.a[i], i, last if not grad and i == s - 1 else i)
             ki = f(tr[i], yi)
             if grad:
                 hks.append(hy * ki)
@@ -162,20 +182,30 @@ class _Batched:
         if self.tab.fsal:
             y1, kend = yi, ki
         else:
-            y1 = comb(self.b, self.s)
+            y1 = comb(self.b, s, None if grad else alt)
             kend = f(t1, y1)
         if grad:
             K = torch.stack(hks + [hy * kend])
         elif self.tab.fsal:
-            rows[self.s].copy_(rows[self.s - 1])
+            rows[s].copy_(rows[s - 1])
         else:
-            torch.mul(kend, hy, out=rows[self.s])
-        with torch.no_grad():
-            sc = error_scale(y, y1, self.rtol, self.atol)
+            torch.mul(kend, hy, out=rows[s])
+        with torch.no_grad() if grad else contextlib.nullcontext():
+            if grad:
+                sc = error_scale(y, y1, self.rtol, self.atol)
+            else:  # error_scale's arithmetic on buffers, |y| kept from the step that made y
+                if self._abs_of is not y:
+                    self._abs_of, self._abs_row = y, 0
+                    torch.abs(y, out=self._A[0])
+                self.abs1 = torch.abs(y1, out=self._A[alt])
+                sc = torch.maximum(self._A[self._abs_row], self.abs1, out=self._sc)
+                sc.mul_(self.rtol).add_(self.atol)
 
             def scaled(w: torch.Tensor) -> torch.Tensor:  # sum_i w_i h k_i / sc, per sample
-                M = K.reshape(self.s + 1, -1)[: len(w)].t() if grad else Kt[len(w)]
-                return torch.mv(M, w).view(B, n).div_(sc)
+                if grad:
+                    return torch.mv(K.reshape(s + 1, -1)[: len(w)].t(), w).view(B, n).div_(sc)
+                torch.mv(Kt[len(w)], w, out=self._errf)
+                return self._err.div_(sc)
 
             if self.e3 is None and self.parts is None:  # plain RMS: 1/sqrt(n) in the weights
                 ratio = torch.linalg.vector_norm(scaled(self.e_rms), dim=1)
@@ -186,6 +216,19 @@ class _Batched:
                 den = torch.sqrt(e5n * e5n + 0.01 * e3n * e3n)
                 ratio = torch.where(den == 0, torch.zeros_like(den), e5n * e5n / den)
         return y1, K, kend, ratio
+
+    def keep_rejected(self, accept: torch.Tensor, y1: torch.Tensor, y: torch.Tensor
+                      ) -> torch.Tensor:
+        """The new state: ``y1`` where ``accept`` (``(B, 1)``), else ``y``, written into
+        ``y1``'s buffer row (the next step then starts from a buffer row)."""
+        out = torch.where(accept, y1, y, out=self._Yv[self.alt])
+        self._abs_of = None
+        return out
+
+    def accepted_all(self, y1: torch.Tensor) -> None:
+        """``y1`` of the last (buffered) step is the new state of every sample: its ``|.|``
+        is already in the buffer."""
+        self._abs_of, self._abs_row = y1, self.alt
 
 
 def _np_clip(x, lo, hi):
@@ -203,7 +246,8 @@ def _namespace(use_numpy: bool, device: torch.device) -> SimpleNamespace:
         # (ufuncs rather than np.clip / np.take_along_axis, whose Python wrappers cost more
         # than the work on a small batch)
         return SimpleNamespace(
-            xp=np, to_t=torch.from_numpy, to_x=lambda v: v.detach().cpu().numpy(),
+            xp=np, to_t=torch.from_numpy,
+            to_x=lambda v: v.detach().numpy() if v.requires_grad else v.numpy(),
             take=lambda a, i: a[np.arange(a.shape[0])[:, None], i],
             clip=_np_clip,
             full=lambda shape, v, dt: np.full(shape, v, dtype=dts[dt]))
@@ -290,6 +334,19 @@ def solve_batched(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, tab: Table
     moved = True  # some output index moved: recompute the stop times
     cast_t = tdtype != torch.float64
     cast_y = ydt != torch.float64
+    # host-side bookkeeping without autograd: stage times and step sizes are written into
+    # tensors made once, through NumPy views (with autograd func could save them for backward)
+    bufs = host_free and not torch.is_grad_enabled()
+    if bufs:
+        tst_t = torch.empty((eng.s, B), dtype=tdtype)
+        tst_x, tst_rows = tst_t.numpy(), tst_t.unbind(0)
+        hy_t = torch.empty((B, 1), dtype=ydt)
+        hy_x = hy_t.numpy()[:, 0]
+        acc_t = torch.empty((B, 1), dtype=torch.bool)
+        acc_x = acc_t.numpy()[:, 0]
+    fwd = bool((direction > 0).all()) if host_free else None
+    lnf_any = False  # some sample's last attempt was non-finite (host path)
+    no_grad = torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         while True:
             if it % sync_every == 0 and not bool(running.any()):
@@ -306,12 +363,19 @@ def solve_batched(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, tab: Table
             hit = abs(rem) <= h * (1 + 1e-12)
             hs = xp.where(hit, rem, direction * h)
             t1 = xp.where(hit, stop, tc + hs)
-            tst, hy = to_t(tc + c_col * hs), to_t(hs)[:, None]
             t1_t = None if tab.fsal else to_t(t1)
-            if cast_t:
-                tst, t1_t = tst.to(tdtype), None if tab.fsal else t1_t.to(tdtype)
-            if cast_y:
-                hy = hy.to(ydt)
+            if bufs:
+                np.add(tc, c_col * hs, out=tst_x, casting="same_kind")
+                np.copyto(hy_x, hs, casting="same_kind")
+                tst, hy = tst_rows, hy_t
+                if cast_t and t1_t is not None:
+                    t1_t = t1_t.to(tdtype)
+            else:
+                tst, hy = to_t(tc + c_col * hs), to_t(hs)[:, None]
+                if cast_t:
+                    tst, t1_t = tst.to(tdtype), None if tab.fsal else t1_t.to(tdtype)
+                if cast_y:
+                    hy = hy.to(ydt)
             y1, K, kend, ratio = step(tst, y, f0, hy, t1_t)
             ratio = to_x(ratio.to(torch.float64) if cast_y else ratio)
             accept = running & (ratio <= 1.0)
@@ -320,12 +384,18 @@ def solve_batched(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, tab: Table
                                    & (abs(hs) <= eng.min_step * (1 + 1e-12)))
             nsteps += running
             nacc += accept
-            if dense and (not host_free or bool(
-                    (accept & ((t_next - t1) * direction <= 0)).any())):
+            # accepted samples whose new state is not finite: they fail here, no output
+            # written.  A sum of finite values is finite unless it overflows: then look per
+            # sample
+            y1_ok = bufs and math.isfinite(eng.abs1.sum().item())
+            bad = None if y1_ok else accept & ~to_x(torch.isfinite(y1).all(1))
+            good = accept if y1_ok else accept & ~bad
+            if dense and (not host_free or bool((good & (
+                    (t_next <= t1) if fwd else ((t_next - t1) * direction <= 0))).any())):
                 # the pending output times inside (tc, t1]
                 oi = idx[:, None] + jk
                 tj = ns.take(Tx, ns.clip(oi, None, m - 1))
-                within = accept[:, None] & (oi < m) & ((tj - t1[:, None])
+                within = good[:, None] & (oi < m) & ((tj - t1[:, None])
                                                        * direction[:, None] <= 0)
                 if kmax == 1:
                     vals = y1[:, None, :]
@@ -344,19 +414,33 @@ def solve_batched(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, tab: Table
             # and every ratio is finite, y1 is y itself for the stopped samples (their h k rows
             # are exact zeros): no masking needed
             tc = xp.where(accept, t1, tc)
-            if host_free and bool((accept | ~running).all()) and bool(np.isfinite(ratio).all()):
+            ratio_ok = host_free and bool(np.isfinite(ratio).all())
+            if ratio_ok and bool((accept | ~running).all()):
                 y, f0 = y1, kend
+                if bufs:
+                    eng.accepted_all(y1)
+            elif bufs:  # y1's buffer row becomes the new state, rejected samples put back
+                np.copyto(acc_x, accept)
+                y = eng.keep_rejected(acc_t, y1, y)
+                f0 = torch.where(acc_t, kend, f0)
             else:
                 a2 = to_t(accept)[:, None]
                 y = torch.where(a2, y1, y)
                 f0 = torch.where(a2, kend, f0)
-            with torch.no_grad():
+            with no_grad:
                 h_new = eng.next_h(ns, abs(hs), ratio, prev, prev2)
                 if eng.p or eng.d:
                     prev2 = xp.where(accept, prev, prev2)
                     prev = xp.where(accept, ns.clip(ratio, 1e-10, None), prev)
+                if (y1_ok and ratio_ok and not lnf_any and it < max_steps
+                        and not bool((accept & (t1 == t_end)).any())
+                        and not bool((running & (h_new < h_floor)).any())):
+                    # nothing finished or failed: statuses stand (the quiet, common step)
+                    h = xp.where(running, h_new, 0.0)
+                    continue
                 # status codes, in order of precedence: done, non-finite, underflow, max steps
-                bad = accept & ~to_x(torch.isfinite(y1).all(1))
+                if bad is None:
+                    bad = xp.zeros_like(accept)
                 last_nonfinite = xp.where(accept, bad, last_nonfinite | ~xp.isfinite(ratio))
                 new = xp.where(accept & (t1 == t_end), int(Status.SUCCESS), RUNNING)
                 code = xp.where(last_nonfinite, int(Status.NONFINITE),
@@ -367,6 +451,8 @@ def solve_batched(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, tab: Table
                 status = xp.where(running, new, status)
                 running = status == RUNNING
                 h = xp.where(running, h_new, 0.0)
+                if host_free:
+                    lnf_any = bool(last_nonfinite.any())
     status, nsteps, nacc = to_t(status), to_t(nsteps), to_t(nacc)
     if dense:
         out = ys[: m * B].reshape(m, B, n)
