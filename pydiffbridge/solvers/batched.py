@@ -101,13 +101,13 @@ class _Batched:
         h = torch.minimum(100 * h0, h1)
         return torch.where(torch.isfinite(big), h, h0)
 
-    def next_h(self, ns, h, ratio, prev, prev2):
+    def next_h(self, ns, h, ratio, prev, prev2, finite: bool = False):
         """Vectorised :class:`~pydiffbridge.solvers.controller.Controller` (arrays of
         :func:`_namespace`): growth in ``[1, ifactor]`` after an error ratio below 1, shrinkage
-        in ``[dfactor, 1]`` otherwise (a NaN ratio counts as infinite)."""
+        in ``[dfactor, 1]`` otherwise (a NaN ratio counts as infinite; ``finite``: no NaN)."""
         k = float(self.tab.order)
         xp = ns.xp
-        r = xp.where(ratio == ratio, ratio, math.inf)
+        r = ratio if finite else xp.where(ratio == ratio, ratio, math.inf)
         factor = r ** (-(self.i + self.p + self.d) / k) * self.safety
         if self.p or self.d:
             factor = factor * prev ** ((self.p + 2 * self.d) / k) * prev2 ** (-self.d / k)
@@ -346,10 +346,13 @@ def solve_batched(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, tab: Table
         acc_x = acc_t.numpy()[:, 0]
     fwd = bool((direction > 0).all()) if host_free else None
     lnf_any = False  # some sample's last attempt was non-finite (host path)
+    quiet = False
     no_grad = torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         while True:
-            if it % sync_every == 0 and not bool(running.any()):
+            if quiet:  # (host path) statuses did not change in the last step
+                quiet = False
+            elif it % sync_every == 0 and not bool(running.any()):
                 break
             it += 1
             if dense and (moved or not host_free):
@@ -428,7 +431,7 @@ def solve_batched(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, tab: Table
                 y = torch.where(a2, y1, y)
                 f0 = torch.where(a2, kend, f0)
             with no_grad:
-                h_new = eng.next_h(ns, abs(hs), ratio, prev, prev2)
+                h_new = eng.next_h(ns, abs(hs), ratio, prev, prev2, ratio_ok)
                 if eng.p or eng.d:
                     prev2 = xp.where(accept, prev, prev2)
                     prev = xp.where(accept, ns.clip(ratio, 1e-10, None), prev)
@@ -437,6 +440,7 @@ def solve_batched(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, tab: Table
                         and not bool((running & (h_new < h_floor)).any())):
                     # nothing finished or failed: statuses stand (the quiet, common step)
                     h = xp.where(running, h_new, 0.0)
+                    quiet = True
                     continue
                 # status codes, in order of precedence: done, non-finite, underflow, max steps
                 if bad is None:
