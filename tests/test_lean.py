@@ -118,3 +118,26 @@ def test_lean_overflow_to_inf_is_caught():
         assert sol.status == Status.NONFINITE and "became NaN/Inf" in sol.message
         torch.testing.assert_close(sol.ys[1], torch.full((2,), 1e308, dtype=torch.float64))
         assert not any(math.isinf(v) for v in sol.ys[-1].tolist())
+
+
+def test_cached_coefficients_made_in_inference_mode_still_serve_autograd():
+    """The tableau and dense-output coefficients are cached per dtype/device; when the first
+    solve runs under inference_mode they must still work in a later differentiable solve."""
+    from pydiffbridge.solvers import batched_step, interp, tableaus
+
+    tableaus.coefficients.cache_clear()
+    interp._dopri5_coeffs.cache_clear()
+    batched_step._interp_poly.cache_clear()
+    y0 = torch.tensor([[1.0, 0.5], [0.2, -1.0]], dtype=torch.float64)
+    t = torch.tensor([0.0, 0.7, 1.5], dtype=torch.float64)
+    k = torch.tensor(0.8, dtype=torch.float64)
+    with torch.inference_mode():
+        for bd in (None, 1):
+            pdb.solve(lambda tt, y: -k * y, y0, t, method="dopri5", batch_dims=bd)
+    for bd in (None, 1):
+        kk = k.clone().requires_grad_(True)
+        ys = pdb.odeint(lambda tt, y, kk=kk: -kk * y, y0, t, method="dopri5", rtol=1e-10,
+                        atol=1e-12, batch_dims=bd)
+        ys[-1].sum().backward()  # d/dk sum(y0 e^{-k t}) = -t sum(y0) e^{-k t}
+        expect = -1.5 * y0.sum() * torch.exp(-0.8 * torch.tensor(1.5, dtype=torch.float64))
+        torch.testing.assert_close(kk.grad, expect, rtol=1e-7, atol=0)

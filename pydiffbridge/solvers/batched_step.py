@@ -11,6 +11,7 @@ the stages are stacked afresh so that nothing saved for backward is overwritten.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -20,9 +21,21 @@ import torch
 
 from .controller import error_scale
 from .interp import interp_weights
-from .tableaus import Tableau
+from .tableaus import Tableau, coefficients
 
 __all__ = ["_Batched", "_namespace"]
+
+
+@functools.lru_cache(maxsize=32)
+def _interp_poly(tab: Tableau, dtype: torch.dtype, device: torch.device):
+    """Every dense-output weight is a polynomial of degree <= 5 in theta: its coefficients
+    ``P``, fitted once from interp_weights, so that a step's weights are one matmul
+    (``theta ** pows @ P``).  Made once per dtype/device outside inference mode; shared."""
+    with torch.inference_mode(False), torch.no_grad():
+        nodes = torch.linspace(0.0, 1.0, 6, dtype=torch.float64)
+        V = nodes[:, None] ** torch.arange(6, dtype=torch.float64)
+        P = torch.linalg.solve(V, interp_weights(tab, nodes)).to(dtype=dtype, device=device)
+        return P, torch.arange(6, device=device, dtype=dtype)
 
 
 class _Batched:
@@ -32,11 +45,8 @@ class _Batched:
                  parts: list[int] | None, tdtype: torch.dtype):
         self.f, self.tab, self.s = f, tab, tab.stages
         kw = dict(dtype=y0.real.dtype if y0.is_complex() else y0.dtype, device=y0.device)
-        self.a = [torch.tensor(r, **kw) if r else None for r in tab.a]
-        self.b = torch.tensor(tab.b, **kw)
-        self.e = torch.tensor(tab.e, **kw)
+        self.a, self.b, self.e, self.e3 = coefficients(tab, kw["dtype"], y0.device)
         self.e_rms = self.e / math.sqrt(y0.shape[1])  # the error weights of the plain RMS norm
-        self.e3 = torch.tensor(tab.e3, **kw) if tab.e3 is not None else None
         self.c, self.rtol, self.atol, self.parts, self.tdtype = tab.c, rtol, atol, parts, tdtype
         self.err_needs_end = len(tab.e) > self.s
         g = lambda k, d: float(opts.get(k, d))  # noqa: E731
@@ -44,12 +54,7 @@ class _Batched:
             g("dfactor", 0.2)
         self.p, self.i, self.d = g("pcoeff", 0.0), g("icoeff", 1.0), g("dcoeff", 0.0)
         self.min_step, self.max_step = g("min_step", 0.0), g("max_step", math.inf)
-        # every dense-output weight is a polynomial of degree <= 5 in theta: fit its
-        # coefficients once from interp_weights so a step's weights are one matmul
-        nodes = torch.linspace(0.0, 1.0, 6, dtype=torch.float64)
-        V = nodes[:, None] ** torch.arange(6, dtype=torch.float64)
-        self.P = torch.linalg.solve(V, interp_weights(tab, nodes)).to(**kw)
-        self.pows = torch.arange(6, device=y0.device, dtype=kw["dtype"])
+        self.P, self.pows = _interp_poly(tab, kw["dtype"], y0.device)
         self._K: torch.Tensor | None = None
 
     def weights(self, theta: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ evaluate several output times at once and keeps the result differentiable in the
 
 from __future__ import annotations
 
+import functools
 from fractions import Fraction as F
 
 import torch
@@ -47,20 +48,28 @@ def _inverse3(m):
 _Q = _inverse3([[F(1), F(1), F(1)], [F(2), F(3), F(4)], [F(1, 4), F(1, 8), F(1, 16)]])
 
 
+@functools.lru_cache(maxsize=32)
+def _dopri5_coeffs(tab: Tableau, s: int, dtype: torch.dtype, device: torch.device):
+    """``(e0, C)``: the weights are ``θ e0 + [θ², θ³, θ⁴] @ C`` (made once per dtype/device,
+    outside inference mode; never modified)."""
+    with torch.inference_mode(False), torch.no_grad():
+        kw = dict(dtype=dtype, device=device)
+        e0 = torch.zeros(s + 1, **kw)
+        e0[0] = 1
+        e_end = torch.zeros(s + 1, **kw)
+        e_end[s] = 1
+        b = torch.zeros(s + 1, **kw)
+        b[: len(tab.b)] = torch.tensor(tab.b, **kw)
+        mid = torch.zeros(s + 1, **kw)
+        mid[: len(DOPRI5_MID)] = torch.tensor(DOPRI5_MID, **kw)
+        rhs = torch.stack([b - e0, e_end - e0, mid - e0 / 2])  # (3, s+1)
+        q = torch.tensor([[float(x) for x in row] for row in _Q], **kw)
+        return e0, q @ rhs  # (3, s+1): weights of c2, c3, c4
+
+
 def _dopri5(theta: torch.Tensor, tab: Tableau, s: int) -> torch.Tensor:
     """Fourth-order dense output of Dormand-Prince 5(4) via Shampine's midpoint value."""
-    kw = dict(dtype=theta.dtype, device=theta.device)
-    e0 = torch.zeros(s + 1, **kw)
-    e0[0] = 1
-    e_end = torch.zeros(s + 1, **kw)
-    e_end[s] = 1
-    b = torch.zeros(s + 1, **kw)
-    b[: len(tab.b)] = torch.tensor(tab.b, **kw)
-    mid = torch.zeros(s + 1, **kw)
-    mid[: len(DOPRI5_MID)] = torch.tensor(DOPRI5_MID, **kw)
-    rhs = torch.stack([b - e0, e_end - e0, mid - e0 / 2])  # (3, s+1)
-    q = torch.tensor([[float(x) for x in row] for row in _Q], **kw)
-    c = q @ rhs  # (3, s+1): weights of c2, c3, c4
+    e0, c = _dopri5_coeffs(tab, s, theta.dtype, theta.device)
     powers = torch.stack([theta**2, theta**3, theta**4], dim=1)  # (m, 3)
     return theta[:, None] * e0[None, :] + powers @ c
 

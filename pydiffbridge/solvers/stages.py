@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 
 from .controller import error_scale
-from .tableaus import Tableau
+from .tableaus import Tableau, coefficients
 
 __all__ = ["StageEngine", "LeanStages", "lean_func"]
 
@@ -39,11 +39,7 @@ class StageEngine:
     def __init__(self, tab: Tableau, y0: torch.Tensor):
         self.tab = tab
         self.s = tab.stages
-        kw = dict(dtype=y0.dtype, device=y0.device)
-        self.a = [torch.tensor(r, **kw) if r else None for r in tab.a]
-        self.b = torch.tensor(tab.b, **kw)
-        self.e = torch.tensor(tab.e, **kw) if tab.e is not None else None
-        self.e3 = torch.tensor(tab.e3, **kw) if tab.e3 is not None else None
+        self.a, self.b, self.e, self.e3 = coefficients(tab, y0.dtype, y0.device)
         self.c = tab.c
         self.n = y0.numel()
         self.inv_sqrt_n = 1.0 / math.sqrt(max(self.n, 1))

@@ -11,12 +11,15 @@ Norsett & Wanner, *Solving ODEs I*, eq. II.4.13).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from fractions import Fraction as F
 
+import torch
+
 from . import _dop853
 
-__all__ = ["Tableau", "TABLEAUS", "DOPRI5_MID"]
+__all__ = ["Tableau", "TABLEAUS", "DOPRI5_MID", "coefficients"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,22 @@ class Tableau:
     @property
     def adaptive(self) -> bool:
         return self.e is not None
+
+
+@functools.lru_cache(maxsize=128)
+def coefficients(tab: Tableau, dtype: torch.dtype, device: torch.device) -> tuple:
+    """``(a, b, e, e3)`` of ``tab`` as tensors (``a``: one per row, ``None`` for the empty
+    first row; ``e``/``e3`` may be ``None``), made once per dtype and device: building them
+    costs more than a short solve's steps.  Shared by every solve: never modify them."""
+    # made outside inference mode: inference tensors could not take part in a later
+    # differentiable solve
+    with torch.inference_mode(False), torch.no_grad():
+        kw = dict(dtype=dtype, device=device)
+        a = tuple(torch.tensor(r, **kw) if r else None for r in tab.a)
+        b = torch.tensor(tab.b, **kw)
+        e = torch.tensor(tab.e, **kw) if tab.e is not None else None
+        e3 = torch.tensor(tab.e3, **kw) if tab.e3 is not None else None
+    return a, b, e, e3
 
 
 def _f(xs) -> tuple[float, ...]:
