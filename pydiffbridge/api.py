@@ -150,6 +150,9 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
           batch_dims: int | None = None) -> Solution:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` and report states at ``t``.
 
+    Without autograd the torch backend calls ``func`` on views of buffers it reuses from
+    stage to stage: a ``func`` that keeps ``t`` or ``y`` beyond the call must clone them.
+
     Args:
         gradient: ``"direct"`` backprop through the solver's operations (torch backend),
             ``"adjoint"`` (O(1) memory, through the bridge autograd.Function, any backend),
