@@ -454,3 +454,17 @@ def test_buffered_path_state_overflow_is_caught():
     torch.testing.assert_close(b.ys[:, 0], torch.tensor([[0.0] * 2, [1.0] * 2, [2.0] * 2],
                                                         dtype=DT))
     assert not torch.isinf(b.ys).any()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
+def test_compiled_step_matches_plain_loop():
+    # options={"compile": True}: the step through torch.compile takes the same decisions
+    # (slow to compile: one small problem)
+    mu, y0 = _vdp_batch(3)
+    t = torch.linspace(0.0, 1.0, 3, dtype=DT)
+    kw = dict(rtol=1e-6, atol=1e-8, batch_dims=1)
+    with torch.no_grad():
+        a = pdb.solve(VdP(mu), y0, t, **kw)
+        b = pdb.solve(VdP(mu), y0, t, options={"compile": True}, **kw)
+    torch.testing.assert_close(a.ys, b.ys, rtol=1e-12, atol=1e-12)
+    assert torch.equal(a.stats.steps, b.stats.steps) and torch.equal(a.stats.nfe, b.stats.nfe)
