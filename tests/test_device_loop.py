@@ -25,14 +25,16 @@ def vdp(t, y):
     return torch.stack([y[1], 2.0 * (1 - y[0] ** 2) * y[1] - y[0]])
 
 
+@pytest.mark.parametrize("grad", [True, False])  # False: both loops on their reused buffers
 @pytest.mark.parametrize("sync_every", [1, 4])  # 1: NumPy bookkeeping (CPU); 4: torch, as on CUDA
 @pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3", "dopri8"])
-def test_same_steps_as_host_loop_and_matches_scipy(method, sync_every):
+def test_same_steps_as_host_loop_and_matches_scipy(method, sync_every, grad):
     y0 = torch.tensor([2.0, 0.0], dtype=DT)
     t = torch.linspace(0.0, 6.0, 7, dtype=DT)
     kw = dict(rtol=1e-8, atol=1e-10, method=method)
-    dev = pdb.solve(vdp, y0, t, options={"loop": "device", "sync_every": sync_every}, **kw)
-    host = pdb.solve(vdp, y0, t, options={"loop": "host"}, **kw)
+    with torch.set_grad_enabled(grad):
+        dev = pdb.solve(vdp, y0, t, options={"loop": "device", "sync_every": sync_every}, **kw)
+        host = pdb.solve(vdp, y0, t, options={"loop": "host"}, **kw)
     assert dev.success and isinstance(dev.stats.nfe, int)
     assert (dev.stats.nfe, dev.stats.steps, dev.stats.accepted) == \
         (host.stats.nfe, host.stats.steps, host.stats.accepted)
