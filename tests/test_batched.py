@@ -468,3 +468,18 @@ def test_compiled_step_matches_plain_loop():
         b = pdb.solve(VdP(mu), y0, t, options={"compile": True}, **kw)
     torch.testing.assert_close(a.ys, b.ys, rtol=1e-12, atol=1e-12)
     assert torch.equal(a.stats.steps, b.stats.steps) and torch.equal(a.stats.nfe, b.stats.nfe)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_func_output_shape_checked_on_every_call(grad):
+    # after its first (checked) call the loop calls func bare: a later wrong shape that would
+    # broadcast silently must still raise
+    y0 = torch.ones(3, 2, dtype=DT)
+    calls = [0]
+
+    def f(tt, y):
+        calls[0] += 1
+        return -y if calls[0] < 5 else -y[0]  # (2,) broadcasts against (3, 2)
+
+    with torch.set_grad_enabled(grad), pytest.raises(E.RHSError, match="shape"):
+        pdb.solve(f, y0, torch.tensor([0.0, 1.0], dtype=DT), batch_dims=1)

@@ -19,11 +19,18 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from ..errors import RHSError
 from .controller import error_scale
 from .interp import interp_weights
 from .tableaus import Tableau, coefficients
 
 __all__ = ["_Batched", "_namespace"]
+
+
+def _bad_output(k, y) -> None:
+    raise RHSError(f"func returned dy/dt of shape {tuple(getattr(k, 'shape', ()))} for a state of "
+                   f"shape {tuple(y.shape)} during the solve (it had the right shape at first); "
+                   "dy/dt must always have the state's shape")
 
 
 @functools.lru_cache(maxsize=32)
@@ -160,6 +167,8 @@ class _Batched:
         for i in range(1, s):
             yi = comb(self.a[i], i, last if not grad and i == s - 1 else i)
             ki = f(tr[i], yi)
+            if ki.shape != yi.shape:  # (the bare func is unchecked; mul would broadcast)
+                _bad_output(ki, yi)
             if grad:
                 hks.append(hy * ki)
             else:
@@ -169,6 +178,8 @@ class _Batched:
         else:
             y1 = comb(self.b, s, None if grad else alt)
             kend = f(t1, y1)
+            if kend.shape != y1.shape:
+                _bad_output(kend, y1)
         if grad:
             K = torch.stack(hks + [hy * kend])
         elif self.tab.fsal:
