@@ -62,6 +62,7 @@ class _Batched:
         self.p, self.i, self.d = g("pcoeff", 0.0), g("icoeff", 1.0), g("dcoeff", 0.0)
         self.min_step, self.max_step = g("min_step", 0.0), g("max_step", math.inf)
         self.P, self.pows = _interp_poly(tab, kw["dtype"], y0.device)
+        self.functional = bool(opts.get("compile"))
         self._K: torch.Tensor | None = None
 
     def weights(self, theta: torch.Tensor) -> torch.Tensor:
@@ -139,7 +140,9 @@ class _Batched:
         stage matrix holds ``h_b * k_i`` so that every stage combination is one ``addmv``.
         Without autograd it is one reused buffer; with autograd the stages are stacked afresh
         so that nothing saved for backward is overwritten."""
-        grad = torch.is_grad_enabled()
+        # compiled (options["compile"]): the functional form, which traces into one graph
+        # (the buffered form's bookkeeping in Python objects would break it)
+        grad = torch.is_grad_enabled() or self.functional
         f = getattr(self.f, "checked", None) or self.f  # the bare func once its output checked
         tr = tst if isinstance(tst, (tuple, list)) else tst.unbind(0)
         s = self.s
