@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from . import errors as E
-from .adjoint import (
+from .adjoint_shared import (
     _adjoint_options,
     _block_norm,
     _event_time,

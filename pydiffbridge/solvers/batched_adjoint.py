@@ -104,7 +104,8 @@ def bridge_batched(f: Callable, flat0: torch.Tensor, t: torch.Tensor, tb: torch.
     the batch; per-sample output times go through a :class:`_TimeMap` (``t`` is then ``s``)."""
     from types import SimpleNamespace
 
-    from ..adjoint import _block_norm, bridge_solve
+    from ..adjoint import bridge_solve
+    from ..adjoint_shared import _block_norm
     from ..backends.base import SolveSpec, get_backend
     from ..errors import InputError
 
