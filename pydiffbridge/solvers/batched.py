@@ -26,7 +26,6 @@ step that would pass more lands on the last of them.  The final time is always l
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -178,7 +177,7 @@ def solve_batched(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, tab: Table
             # accepted samples whose new state is not finite: they fail here, no output
             # written.  A sum of finite values is finite unless it overflows: then look per
             # sample
-            y1_ok = bufs and math.isfinite(eng.abs1.sum().item())
+            y1_ok = bufs and eng.scale.y1_sum_finite()
             bad = None if y1_ok else accept & ~to_x(torch.isfinite(y1).all(1))
             good = accept if y1_ok else accept & ~bad
             if dense and (not host_free or bool((good & (

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import RHSError
-from .controller import error_scale
+from .controller import BufferedScale, error_scale
 from .interp import interp_weights
 from .tableaus import Tableau, coefficients
 
@@ -127,10 +127,10 @@ class _Batched:
             Y = y.new_empty((s + 2, B, n))
             self._Yv, self._Yf = Y.unbind(0), Y.view(s + 2, -1).unbind(0)
             self._flat = {id(v): f for v, f in zip(self._Yv, self._Yf, strict=True)}
-            self._A = y.new_empty((s + 2, B, n)).unbind(0)  # |Y| (row 0: a state from elsewhere)
-            self._sc, err = y.new_empty((B, n)), y.new_empty((B, n))
+            self.scale = BufferedScale(y, s + 2)  # |y1| in y1's row of Y
+            err = y.new_empty((B, n))
             self._err, self._errf = err, err.view(-1)
-            self._abs_of, self._abs_row, self.alt = None, 0, s
+            self.alt = s
         return self._K, self._Kt, self._rows
 
     def step(self, tst, y, f0, hy, t1):
@@ -192,13 +192,8 @@ class _Batched:
         with torch.no_grad() if grad else contextlib.nullcontext():
             if grad:
                 sc = error_scale(y, y1, self.rtol, self.atol)
-            else:  # error_scale's arithmetic on buffers, |y| kept from the step that made y
-                if self._abs_of is not y:
-                    self._abs_of, self._abs_row = y, 0
-                    torch.abs(y, out=self._A[0])
-                self.abs1 = torch.abs(y1, out=self._A[alt])
-                sc = torch.maximum(self._A[self._abs_row], self.abs1, out=self._sc)
-                sc.mul_(self.rtol).add_(self.atol)
+            else:  # |y| kept from the step that made y
+                sc = self.scale(y, y1, alt, self.rtol, self.atol)
 
             def scaled(w: torch.Tensor) -> torch.Tensor:  # sum_i w_i h k_i / sc, per sample
                 if grad:
@@ -221,13 +216,13 @@ class _Batched:
         """The new state: ``y1`` where ``accept`` (``(B, 1)``), else ``y``, written into
         ``y1``'s buffer row (the next step then starts from a buffer row)."""
         out = torch.where(accept, y1, y, out=self._Yv[self.alt])
-        self._abs_of = None
+        self.scale.forget()
         return out
 
     def accepted_all(self, y1: torch.Tensor) -> None:
         """``y1`` of the last (buffered) step is the new state of every sample: its ``|.|``
         is already in the buffer."""
-        self._abs_of, self._abs_row = y1, self.alt
+        self.scale.became_state(y1, self.alt)
 
 
 def _np_clip(x, lo, hi):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Controller", "initial_step", "error_ratio", "error_scale"]
+__all__ = ["Controller", "initial_step", "error_ratio", "error_scale", "BufferedScale"]
 
 Norm = Callable[[torch.Tensor], torch.Tensor]
 
@@ -16,6 +16,44 @@ Norm = Callable[[torch.Tensor], torch.Tensor]
 def error_scale(y0: torch.Tensor, y1: torch.Tensor, rtol, atol) -> torch.Tensor:
     """``atol + rtol * max(|y0|, |y1|)``: the scale of an error estimate (Hairer I, II.4.11)."""
     return torch.maximum(y0.abs(), y1.abs()).mul_(rtol).add_(atol)
+
+
+class BufferedScale:
+    """:func:`error_scale` for the no-autograd loops, on buffers made once and with the same
+    arithmetic (the loops agree with the autograd path to the last bit).
+
+    ``|y1|`` goes into row ``row`` of a buffer of ``rows`` copies of the state's shape (one per
+    row where the loop may keep a ``y1``); when the loop makes that ``y1`` its new state
+    (:meth:`became_state`), the next step reuses it as ``|y|``.  A state from elsewhere gets its
+    ``|.|`` in row 0."""
+
+    def __init__(self, like: torch.Tensor, rows: int):
+        self._abs = like.new_empty((rows, *like.shape)).unbind(0)
+        self._out = torch.empty_like(like)
+        self._of: torch.Tensor | None = None  # the state whose |.| is in row self._row
+        self._row = 0
+        self.abs1: torch.Tensor | None = None
+
+    def __call__(self, y: torch.Tensor, y1: torch.Tensor, row: int, rtol, atol) -> torch.Tensor:
+        if self._of is not y:
+            self._of, self._row = y, 0
+            torch.abs(y, out=self._abs[0])
+        self.abs1 = torch.abs(y1, out=self._abs[row])
+        scale = torch.maximum(self._abs[self._row], self.abs1, out=self._out)
+        return scale.mul_(rtol).add_(atol)
+
+    def became_state(self, y1: torch.Tensor, row: int) -> None:
+        """``y1`` (whose ``|.|`` is in ``row``) is the loop's new state."""
+        self._of, self._row = y1, row
+
+    def forget(self) -> None:
+        """The state was changed in place: recompute ``|y|`` next time."""
+        self._of = None
+
+    def y1_sum_finite(self) -> bool:
+        """Whether ``sum |y1|`` is finite: then every element is (a sum of finite values is
+        finite unless it overflows; callers look element by element when it is not)."""
+        return math.isfinite(self.abs1.sum().item())
 
 
 def error_ratio(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, rtol, atol,

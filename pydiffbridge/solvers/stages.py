@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from .controller import error_scale
+from .controller import BufferedScale, error_scale
 from .tableaus import Tableau, coefficients
 
 __all__ = ["StageEngine", "LeanStages", "lean_func"]
@@ -125,11 +125,7 @@ class LeanStages(StageEngine):
         self._Yrows = self.Y.unbind(0)
         self._Yv = [r.view(self.shape) for r in self._Yrows]
         self._Kv = [r.view(self.shape) for r in K.unbind(0)]
-        self._abs = y0.new_empty((s + 2, n))  # |Y rows|; row 0 for a state from elsewhere
-        self._abs_rows = self._abs.unbind(0)
-        self._abs_of: torch.Tensor | None = None  # the state whose |.| sits in _abs_of_row
-        self._abs_of_row = 0
-        self._scale = y0.new_empty(n)
+        self._scale = BufferedScale(self.Y[0], s + 2)  # |y1| in y1's row of Y
         self._err = y0.new_empty(n)
         self.alt = s
         self.y1_finite = True
@@ -165,20 +161,14 @@ class LeanStages(StageEngine):
     def ratio_lean(self, h: float, y: torch.Tensor, y1: torch.Tensor, rtol, atol) -> float:
         """The RMS error ratio (as :meth:`StageEngine.rms_ratio`) on buffers; sets
         :attr:`y1_finite`."""
-        if self._abs_of is not y:
-            self._abs_of, self._abs_of_row = y, 0
-            torch.abs(y, out=self._abs_rows[0])
-        abs1 = torch.abs(y1, out=self._abs_rows[self.alt])
-        # the same arithmetic as error_scale and rms_ratio: the paths agree to the last bit
-        scale = torch.maximum(self._abs_rows[self._abs_of_row], abs1, out=self._scale)
-        scale.mul_(rtol).add_(atol)
+        # the same arithmetic as rms_ratio: the paths agree to the last bit
+        scale = self._scale(y, y1, self.alt, rtol, atol)
         m = len(self.tab.e)
         err = torch.mv(self._bufT[m], self.e, out=self._err).div_(scale)
         ratio = abs(h) * torch.linalg.vector_norm(err).item() * self.inv_sqrt_n
-        # a sum of finite values is finite unless it overflows: then look element by element
-        self.y1_finite = math.isfinite(abs1.sum().item()) or bool(torch.isfinite(y1).all())
+        self.y1_finite = self._scale.y1_sum_finite() or bool(torch.isfinite(y1).all())
         return ratio
 
     def accepted(self, y1: torch.Tensor) -> None:
         """Record that ``y1`` (from the last :meth:`step_lean`) is the new state."""
-        self._abs_of, self._abs_of_row = y1, self.alt
+        self._scale.became_state(y1, self.alt)
