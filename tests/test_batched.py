@@ -129,7 +129,8 @@ def test_cpu_bookkeeping_matches_device_path(method):
     assert torch.equal(a.status, b.status) and int(a.stats.rejected.sum()) > 0
 
 
-def test_nan_sample_is_isolated_and_raises_naming_it():
+def _poisoned_decay():
+    """dy/dt = -k y for four samples; sample 2's func turns NaN after t = 0.7."""
     k = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=DT)
     y0 = torch.ones(4, 2, dtype=DT)
     t = torch.linspace(0, 2, 5, dtype=DT)
@@ -139,6 +140,12 @@ def test_nan_sample_is_isolated_and_raises_naming_it():
         poison = torch.zeros_like(dy)
         poison[2] = torch.where(tt[2] > 0.7, float("nan"), 0.0)
         return dy + poison
+
+    return k, y0, t, f
+
+
+def test_nan_sample_is_isolated_and_raises_naming_it():
+    k, y0, t, f = _poisoned_decay()
 
     sol = pdb.solve(f, y0, t, rtol=1e-8, atol=1e-10, batch_dims=1)
     assert int(sol.status[2]) == Status.NONFINITE
@@ -422,15 +429,7 @@ def test_buffered_path_time_dependent_float32_and_outputs_kept():
 
 
 def test_buffered_path_nan_sample_and_max_steps():
-    k = torch.tensor([1.0, 2.0, 0.5, 1.5], dtype=DT)
-    y0 = torch.ones(4, 2, dtype=DT)
-    t = torch.linspace(0, 2, 5, dtype=DT)
-
-    def f(tt, y):
-        dy = -k[:, None] * y
-        poison = torch.zeros_like(dy)
-        poison[2] = torch.where(tt[2] > 0.7, float("nan"), 0.0)
-        return dy + poison
+    k, y0, t, f = _poisoned_decay()
 
     a, b = _grad_vs_nograd(f, y0, t, rtol=1e-8, atol=1e-10)
     assert int(b.status[2]) == Status.NONFINITE and torch.isnan(b.ys[-1, 2]).all()
