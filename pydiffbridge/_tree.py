@@ -89,30 +89,51 @@ class Tree:
         return torch.cat(parts)
 
     def wrap_func(self, func: Callable, where: str = "func") -> Callable:
-        """``func(t, y_user) -> dy_user`` as a flat ``(t, y_flat) -> dy_flat`` with checks."""
+        """``func(t, y_user) -> dy_user`` as a flat ``(t, y_flat) -> dy_flat`` with checks.
+
+        As in torchdiffeq, ``func`` receives ``t`` in the state's (real) dtype and a floating
+        result of another dtype is cast to the state's.  The flat function carries the user's
+        callbacks and perturb support as ``.hooks`` (see :mod:`pydiffbridge.solvers.hooks`)
+        and takes ``perturb=`` (forwarded only to a ``func`` that names it).
+        """
+        from .solvers.hooks import accepts_perturb, adapt_callbacks, find_callbacks
+
         tree = self
+        tdt = self.dtype.to_real() if self.dtype.is_complex else self.dtype
+        takes_perturb = accepts_perturb(func)
         if not self.is_tuple:
             shape, dtype = self.shapes[0], self.dtype
             # reshape(*ints) is about twice as fast as reshape(torch.Size) (a call per NFE)
             dims = tuple(int(d) for d in shape) or ((),)
 
-            def flat_func_tensor(t, y):
-                out = func(t, y.reshape(*dims))
+            def flat_func_tensor(t, y, perturb=None):
+                if t.dtype != tdt:
+                    t = t.to(tdt)
+                out = (func(t, y.reshape(*dims)) if perturb is None or not takes_perturb
+                       else func(t, y.reshape(*dims), perturb=perturb))
                 # fast path for the common case; anything else gets the full check (and error)
                 if type(out) is torch.Tensor and out.shape == shape and out.dtype == dtype:
                     return out.reshape(-1)
                 return tree.check_output(out, where, t)
 
-            # for the no-autograd loop that calls func on views of its own buffers
-            flat_func_tensor.shaped = (func, shape, dtype,
-                                       lambda out, t: tree.check_output(out, where, t))
-            return flat_func_tensor
+            flat = flat_func_tensor
+            if not takes_perturb:
+                # for the no-autograd loop that calls func on views of its own buffers
+                flat.shaped = (func, shape, dtype,
+                               lambda out, t: tree.check_output(out, where, t))
+        else:
+            def flat_func(t, y, perturb=None):
+                if t.dtype != tdt:
+                    t = t.to(tdt)
+                out = (func(t, tree.unflatten(y)) if perturb is None or not takes_perturb
+                       else func(t, tree.unflatten(y), perturb=perturb))
+                return tree.check_output(out, where, t)
 
-        def flat_func(t, y):
-            out = func(t, tree.unflatten(y))
-            return tree.check_output(out, where, t)
-
-        return flat_func
+            flat = flat_func
+        flat.hooks = adapt_callbacks(find_callbacks(func), self.unflatten, tdt, self.device,
+                                     perturb=True)
+        flat.user_func = func
+        return flat
 
     def check_output(self, out, where: str, t) -> torch.Tensor:
         if self.is_tuple:
@@ -126,6 +147,7 @@ class Tree:
                 raise RHSError(f"{where} returned {type(out).__name__} at t={float(t):.6g}; it "
                                "must return a torch.Tensor")
             items = (out,)
+        cast = False
         for i, (o, shape) in enumerate(zip(items, self.shapes, strict=True)):
             if not isinstance(o, torch.Tensor) or o.shape != shape:
                 got = tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__
@@ -133,6 +155,12 @@ class Tree:
                                f" but the state has shape {tuple(shape)}; dy/dt must have the "
                                "state's shape")
             if o.dtype != self.dtype:
-                raise RHSError(f"{where} returned dtype {o.dtype} at t={float(t):.6g} but the "
-                               f"state is {self.dtype}; cast y0 and the module to one dtype")
+                if not (o.dtype.is_floating_point or o.dtype.is_complex) or (
+                        o.dtype.is_complex and not self.dtype.is_complex):
+                    raise RHSError(f"{where} returned dtype {o.dtype} at t={float(t):.6g} but the"
+                                   f" state is {self.dtype}; return a floating-point tensor")
+                cast = True
+        if cast:  # torchdiffeq's rule: the state's dtype wins
+            items = tuple(o.to(self.dtype) for o in items)
+            out = items if self.is_tuple else items[0]
         return self.flatten(out)

@@ -46,6 +46,7 @@ from .adjoint_shared import (
 )
 from .backends.base import Backend, SolveSpec
 from .solution import Solution, Stats
+from .solvers.hooks import adjoint_hooks
 
 __all__ = ["BridgeConfig", "bridge_solve", "DEFAULT_CHECKPOINTS"]
 
@@ -217,6 +218,7 @@ def _back_solve(cfg, t_hi, t_lo, z_hi, a, g, params, counter):
                          else v.reshape(-1).to(s.dtype))
         return torch.cat(parts)
 
+    aug.hooks = adjoint_hooks(func, n, z_hi.real.dtype, z_hi.device)
     s0 = torch.cat([z_hi, a, g])
     tt = torch.stack([t_hi, t_lo]).detach()
     sol = cfg.backend.solve(aug, s0, tt, cfg.aug_spec, None)

@@ -18,7 +18,7 @@ from . import errors as E
 from ._tree import Tree
 from .backends.base import SolveSpec, get_backend
 from .backends.torch import _rms
-from .solution import Solution, Status
+from .solution import Solution, Stats, Status
 
 __all__ = ["odeint", "odeint_adjoint", "odeint_event", "solve"]
 
@@ -44,10 +44,9 @@ def _check_t(t, y_like: torch.Tensor, needs_two: bool) -> torch.Tensor:
                               "output times as a 1-D tensor")
     if not t.dtype.is_floating_point:
         t = t.to(torch.float64 if not y_like.dtype.is_floating_point else y_like.dtype)
-    n_min = 2 if needs_two else 1
-    if t.numel() < n_min:
-        raise E.TimeGridError(f"t needs at least {n_min} time(s) (start and end), got "
-                              f"{t.numel()}")
+    if t.numel() < 1:
+        raise E.TimeGridError("t is empty; it needs at least one time (the start; one time "
+                              "alone returns y0 without integrating)")
     if not bool(torch.isfinite(t).all()):
         raise E.TimeGridError("t contains NaN or Inf")
     if t.numel() > 1:
@@ -187,6 +186,11 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
                              adjoint_method=adjoint_method, adjoint_options=adjoint_options,
                              adjoint_params=adjoint_params)
     p = Prepared(func, y0, t, rtol, atol, method, options, event_fn, backend)
+    if p.t.numel() == 1 and p.event_fn is None:
+        # one output time: the initial state itself, nothing to integrate (as torchdiffeq)
+        sol = Solution(ys=p.y0[None], ts=p.t, stats=Stats(), status=Status.SUCCESS,
+                       backend=p.backend.name, method=p.method)
+        return p.finish(sol)
     if gradient == "auto":
         gradient = "direct" if p.backend.supports_direct_grad else "adjoint"
         if (gradient == "adjoint" and adjoint_params is None and torch.is_grad_enabled()

@@ -3,7 +3,10 @@
 Every error a user can trigger inherits :class:`PyDiffBridgeError`.  Where a built-in
 exception type is the natural expectation (``ValueError`` for bad input, ``ImportError`` for
 a missing optional dependency, ``RuntimeError`` for a solver failure) the class inherits it
-too, so ``except ValueError`` keeps working for torchdiffeq users.
+too, so ``except ValueError`` keeps working.  Where torchdiffeq raises something else for the
+same failure (an ``AssertionError`` for too many steps, a step-size underflow, a non-finite
+state or non-monotonic times; a ``TypeError`` for a non-floating ``y0`` or ``t``) the class
+inherits that as well, so code written against torchdiffeq catches our errors unchanged.
 
 Messages follow one pattern: what was wrong, where (argument, time ``t``, step size ``dt``,
 step count, batch sample), and what to try.
@@ -15,6 +18,7 @@ __all__ = [
     "PyDiffBridgeError",
     "InputError",
     "TimeGridError",
+    "DTypeError",
     "UnknownMethodError",
     "UnknownOptionError",
     "UnknownBackendError",
@@ -37,8 +41,12 @@ class InputError(PyDiffBridgeError, ValueError):
     """An argument has a wrong value, shape, dtype or device."""
 
 
-class TimeGridError(InputError):
+class TimeGridError(InputError, AssertionError):
     """The output times ``t`` are not a 1-D strictly monotonic, finite tensor."""
+
+
+class DTypeError(InputError, TypeError):
+    """A tensor has a dtype the solve cannot use (e.g. an integer ``y0`` or ``t``)."""
 
 
 class UnknownMethodError(InputError):
@@ -58,7 +66,7 @@ class RHSError(PyDiffBridgeError, TypeError):
     (wrong type, shape, dtype or device)."""
 
 
-class NonFiniteError(PyDiffBridgeError, FloatingPointError):
+class NonFiniteError(PyDiffBridgeError, FloatingPointError, AssertionError):
     """NaN or Inf appeared in the initial state or in the solution."""
 
 
@@ -66,11 +74,11 @@ class SolverError(PyDiffBridgeError, RuntimeError):
     """The integration could not be completed."""
 
 
-class StepSizeUnderflowError(SolverError):
+class StepSizeUnderflowError(SolverError, AssertionError):
     """The adaptive step size fell below the smallest usable value."""
 
 
-class MaxStepsExceededError(SolverError):
+class MaxStepsExceededError(SolverError, AssertionError):
     """More than ``max_num_steps`` steps were needed."""
 
 

@@ -73,7 +73,7 @@ def test_max_num_steps():
     (torch.tensor([0.0, 1.0, 0.5], dtype=D), "strictly increasing or strictly decreasing"),
     (torch.tensor([0.0, 1.0, 1.0], dtype=D), "index 2"),
     (torch.zeros(2, 2, dtype=D), "one-dimensional"),
-    (torch.tensor([0.0], dtype=D), "at least 2"),
+    (torch.tensor([], dtype=D), "is empty"),
     (torch.tensor([0.0, math.inf], dtype=D), "NaN or Inf"),
 ])
 def test_bad_time_grids(t, match):
@@ -84,8 +84,8 @@ def test_bad_time_grids(t, match):
 def test_func_wrong_shape_and_dtype():
     with pytest.raises(E.RHSError, match=r"shape \(3,\).*state has shape \(2,\)"):
         odeint(lambda t, y: torch.ones(3, dtype=D), torch.ones(2, dtype=D), T2)
-    with pytest.raises(E.RHSError, match="dtype torch.float32"):
-        odeint(lambda t, y: y.float(), torch.ones(2, dtype=D), T2)
+    with pytest.raises(E.RHSError, match="dtype torch.int64.*floating-point"):
+        odeint(lambda t, y: y.long(), torch.ones(2, dtype=D), T2)
     with pytest.raises(E.RHSError, match="must return a torch.Tensor"):
         odeint(lambda t, y: 1.0, torch.ones(2, dtype=D), T2)
     with pytest.raises(E.RHSError, match="tuple"):

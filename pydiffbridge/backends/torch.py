@@ -10,6 +10,7 @@ import torch
 from ..errors import InputError, UnknownMethodError, UnknownOptionError
 from ..solution import Solution, Stats, Status
 from ..solvers.fixed import ADAMS, solve_fixed
+from ..solvers.hooks import hooks_of
 from ..solvers.rk import solve_adaptive
 from ..solvers.tableaus import TABLEAUS
 from .base import SolveSpec
@@ -70,7 +71,7 @@ class TorchBackend:
         opts = dict(spec.options)
         norm = spec.norm or _rms
         if method in ADAPTIVE_METHODS:
-            if _device_loop(opts, y0, t, norm, event_fn):
+            if _device_loop(opts, y0, t, norm, event_fn, func):
                 sol = _solve_device_loop(func, y0, t, TABLEAUS[method], spec.rtol, spec.atol,
                                          opts, norm.rms_parts)
             else:
@@ -95,7 +96,8 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
 _rms.rms_parts = None  # the built-in RMS norm (see _device_loop)
 
 
-def _device_loop(opts: dict, y0: torch.Tensor, t: torch.Tensor, norm, event_fn) -> bool:
+def _device_loop(opts: dict, y0: torch.Tensor, t: torch.Tensor, norm, event_fn,
+                 func=None) -> bool:
     """Whether to run the shared-step solve on the branch-free loop of
     :mod:`~pydiffbridge.solvers.batched` (one "sample": the whole state), which never reads a
     value back to the host inside a step; pops the ``loop`` option.
@@ -118,6 +120,7 @@ def _device_loop(opts: dict, y0: torch.Tensor, t: torch.Tensor, norm, event_fn) 
          getattr(norm, "rms_parts", False) is False),
         ("gradients w.r.t. t", t.requires_grad and torch.is_grad_enabled()),
         ("a complex state", y0.is_complex()),
+        ("callbacks on func (callback_step, ...)", hooks_of(func).any_callback),
     ] if bad]
     if blockers and loop == "device":
         raise InputError(f"options['loop']='device' cannot serve {', '.join(blockers)}; use "

@@ -18,6 +18,7 @@ import torch
 from ..solution import Solution, Stats, Status
 from .controller import Controller, error_ratio, error_scale, initial_step
 from .events import EventTracker
+from .hooks import Perturb, hooks_of
 from .interp import interp_weights
 from .stages import LeanStages, StageEngine, lean_func
 from .tableaus import Tableau
@@ -59,6 +60,19 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
         if tgrad:
             return f(t_first + torch.scalar_tensor(tt - t0, dtype=tdtype, device=tdev), yy)
         return f(torch.scalar_tensor(tt, dtype=tdtype, device=tdev), yy)
+
+    hooks = hooks_of(f)
+    if hooks.perturb:
+        # at a jump_t the stages at its end see Perturb.PREV and the restart Perturb.NEXT
+        # (torchdiffeq's protocol; the wrapper forwards the flag to a func that names it)
+        fc_plain = fc
+
+        def fc_flag(tt: float, yy: torch.Tensor, flag: Perturb) -> torch.Tensor:
+            nfe[0] += 1
+            tt_ = (t_first + torch.scalar_tensor(tt - t0, dtype=tdtype, device=tdev) if tgrad
+                   else torch.scalar_tensor(tt, dtype=tdtype, device=tdev))
+            return f(tt_, yy, perturb=flag)
+    callbacks = hooks.any_callback
 
     stats = Stats()
     jump_t = [float(v) for v in opts.get("jump_t", ())]
@@ -122,6 +136,11 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
         t1 = stop if hit_stop else tc + hs
         at_jump = hit_stop and t1 in jump_set
         t1_eval = math.nextafter(t1, tc) if at_jump else None
+        if callbacks and hooks.step is not None:
+            hooks.step(tc, y, hs)
+        if at_jump and hooks.perturb:
+            def fc(tt, yy, _e=t1_eval):  # noqa: F811 - this step's end stages: just before t1
+                return fc_flag(tt, yy, Perturb.PREV) if tt == _e else fc_plain(tt, yy)
         if lean:
             y1, K = eng.step_lean(tc, y, f0, hs, t1_eval), eng._buf
             nfe[0] += eng.s - 1
@@ -139,6 +158,8 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
         accept = finite and (ratio <= 1.0 or abs(hs) <= min_step * (1 + 1e-12))
         if accept:
             stats.accepted += 1
+            if callbacks and hooks.accept is not None:
+                hooks.accept(tc, y, hs)
             if not (eng.y1_finite if lean_ratio else bool(torch.isfinite(y1).all())):
                 # before the dense output: the rows from here on stay NaN
                 status, message = Status.NONFINITE, f"the solution became NaN/Inf at t={t1:.6g}"
@@ -175,11 +196,17 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
                 eng.accepted(y1)
                 f0 = eng._rows[0].copy_(kend)
             if at_jump:
-                f0 = fc(math.nextafter(t1, direction * math.inf), y1)
+                t_after = math.nextafter(t1, direction * math.inf)
+                f0 = (fc_flag(t_after, y1, Perturb.NEXT) if hooks.perturb
+                      else fc(t_after, y1))
             last_nonfinite = False
         else:
             stats.rejected += 1
+            if callbacks and hooks.reject is not None:
+                hooks.reject(tc, y, hs)
             last_nonfinite = not finite
+        if at_jump and hooks.perturb:
+            fc = fc_plain  # noqa: F811
         h = ctrl.next_step(abs(hs), ratio, accept)
         h = min(max(h, min_step), max_step)
         if h < 10 * math.ulp(max(abs(tc), span)):

@@ -116,7 +116,8 @@ class LeanStages(StageEngine):
     def __init__(self, tab: Tableau, y0: torch.Tensor, shaped: tuple, tdtype: torch.dtype):
         super().__init__(tab, y0)
         self.func, self.shape, self.dtype, self.check = shaped
-        self.tkw = dict(dtype=tdtype, device=y0.device)
+        # func gets t in the state's dtype, as from Tree.wrap_func (torchdiffeq's rule)
+        self.tkw = dict(dtype=y0.dtype, device=y0.device)
         s, n = self.s, self.n
         K = self.new_matrix(y0)
         # stage inputs: rows 1..s-1; y1 alternates between rows s and s+1 (for FSAL tableaux
