@@ -83,7 +83,7 @@ class Prepared:
     def __init__(self, func, y0, t, rtol, atol, method, options, event_fn, backend):
         self.tree = Tree.of(y0)
         if not (self.tree.dtype.is_floating_point or self.tree.dtype.is_complex):
-            raise E.InputError(f"y0 must be floating point or complex, got {self.tree.dtype}; "
+            raise E.DTypeError(f"y0 must be floating point or complex, got {self.tree.dtype}; "
                                "use y0.double() or y0.float()")
         self.y0 = self.tree.flatten(y0)
         if not bool(torch.isfinite(self.y0).all()):
