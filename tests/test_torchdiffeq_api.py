@@ -20,7 +20,7 @@ D = torch.float64
 def tdq():
     """``import torchdiffeq`` resolving to pydiffbridge, restored afterwards."""
     shim = types.ModuleType("torchdiffeq")
-    for name in ("odeint", "odeint_adjoint", "odeint_event"):
+    for name in ("odeint", "odeint_adjoint", "odeint_event", "odeint_dense"):
         setattr(shim, name, getattr(pydiffbridge, name))
     saved = sys.modules.get("torchdiffeq")
     sys.modules["torchdiffeq"] = shim
@@ -220,3 +220,20 @@ def test_documented_signatures(tdq):
     assert abs(ys[-1, 0].item() - exact) < 1e-8 and abs(ya[-1, 0].item() - exact) < 1e-8
     (gk,) = torch.autograd.grad(ya[-1, 0], f.k)
     assert abs(float(gk) - (-1.5 * exact)) < 1e-7
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3"])
+def test_odeint_dense_matches_closed_form_and_differentiates(tdq, method):
+    k = torch.tensor(0.7, dtype=D, requires_grad=True)
+    y0 = torch.tensor([1.0, 2.0], dtype=D)
+    dense = tdq.odeint_dense(lambda t, y: -k * y, y0, torch.tensor(0.0, dtype=D),
+                             torch.tensor(3.0, dtype=D), rtol=1e-10, atol=1e-12, method=method)
+    te = torch.linspace(0, 3, 17, dtype=D)
+    ys = dense(te)
+    exact = y0 * torch.exp(-0.7 * te)[:, None]
+    assert ys.shape == (17, 2) and (ys - exact.detach()).abs().max() < 1e-7
+    assert dense(torch.tensor(1.3, dtype=D)).shape == (2,)
+    (gk,) = torch.autograd.grad(ys[5, 0], k)  # d/dk exp(-k t) = -t exp(-k t)
+    assert abs(gk.item() + te[5].item() * math.exp(-0.7 * te[5].item())) < 1e-6
+    with pytest.raises(ValueError, match="outside"):
+        dense(torch.tensor(3.5, dtype=D))

@@ -95,8 +95,9 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
     plain_rms = getattr(norm, "rms_parts", False) is None and not y0.is_complex()
     # no autograd, one tensor, no events: stages on reused buffers (see solvers/stages.py)
     shaped = lean_func(f)
+    record = opts.get("record")  # odeint_dense: every accepted step's (t0, t1, h, y, K)
     lean = (shaped is not None and not torch.is_grad_enabled() and not y0.is_complex()
-            and event_fn is None)
+            and event_fn is None and record is None)
     eng = LeanStages(tab, y0, shaped, tdtype) if lean else StageEngine(tab, y0)
     lean_ratio = lean and plain_rms and tab.error_kind != "dop853"
 
@@ -176,6 +177,8 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
             j0 = out_idx
             while out_idx < m and (ts[out_idx] - t1) * direction <= 0:
                 out_idx += 1
+            if record is not None:  # (no-autograd K is a reused buffer)
+                record.append((tc, t1, hs, y, K if torch.is_grad_enabled() else K.clone()))
             if out_idx > j0:
                 if lean and tab.fsal:
                     eng.fill_end()
