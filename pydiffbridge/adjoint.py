@@ -29,7 +29,7 @@ made differentiable outside it by the implicit function theorem (one frozen-slop
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -70,6 +70,7 @@ class BridgeConfig:
     func: Callable  # flat rhs (t, y_flat) -> dy_flat; the parameters are reachable by autograd
     spec: SolveSpec  # forward solve
     aug_spec: SolveSpec  # backward (augmented) solve, its norm already built
+    aug_norm: AugNorm | None  # the norm in torchdiffeq's form (see ctx.adjoint_options)
     event_fn: Callable | None
     mode: str  # "adjoint" or "checkpointed"
     checkpoints: Any  # int (uniform extra times) or a list of floats
@@ -78,25 +79,68 @@ class BridgeConfig:
     stats: Stats = field(default_factory=Stats)  # the forward solve's stats, filled in backward
     box: _Box = field(default_factory=_Box)
     forward_backend: Backend | None = None  # runs the forward solves instead of ``backend``
+    out_shape: tuple | None = None  # the output's shape (a tensor state: as the user's y0)
 
 
 # --------------------------------------------------------------------------------------- norms
 
 
-def _aug_norm(user_norm: Any, tree_sizes: list[int], n: int, param_sizes: tuple[int, ...]):
-    """The backward solve's error norm on the flat ``[z, a, g]``."""
-    if user_norm is None:
-        sizes = [s for s in tree_sizes + tree_sizes + list(param_sizes) if s > 0]
-        return _block_norm(sizes, 2 * n + sum(param_sizes))
-    if user_norm == "seminorm":
-        return _block_norm(tree_sizes + tree_sizes, 2 * n)
-    if callable(user_norm):
-        def norm(x: torch.Tensor) -> torch.Tensor:
-            return user_norm((x[:n], x[n:2 * n], x[2 * n:]))
+@dataclass(frozen=True)
+class AugNorm:
+    """The backward solve's error norm, in torchdiffeq's form and in ours.
 
-        return norm
-    raise E.UnknownOptionError(f"adjoint_options['norm'] must be 'seminorm' or a callable taking "
-                               f"(z, a, g), got {user_norm!r}")
+    torchdiffeq hands an adjoint norm the tuple ``(t_adj, y, adj_y, *adj_params)`` (a user
+    norm for a tuple state gets ``y`` and ``adj_y`` split into the state's parts; the built-in
+    ones get them flat) and keeps it in ``grad_fn.adjoint_options["norm"]`` of the output,
+    where a user may replace it before ``backward``.  Our augmented state has no time channel
+    (time gradients are exact identities, see the module doc): ``t_adj`` is passed as 0.
+    ``flat`` is the same norm on our flat ``[z, a, g]``.
+    """
+
+    tuple_norm: Callable
+    flat: Callable
+    to_tuple: Callable
+
+
+def _aug_norm(user_norm: Any, tree: Any, n: int, params: tuple[torch.Tensor, ...]) -> AugNorm:
+    """The backward solve's error norm on the flat ``[z, a, g]`` (see :class:`AugNorm`)."""
+    sizes_p = [q.numel() for q in params]
+    shapes_p = [q.shape for q in params]
+    state_shape = None if tree.is_tuple else tree.shapes[0]
+
+    def split_params(x: torch.Tensor) -> list[torch.Tensor]:
+        return [v.view(sh) for v, sh in zip(torch.split(x[2 * n:], sizes_p), shapes_p,
+                                           strict=True)]
+
+    if callable(user_norm):
+        def to_tuple(x: torch.Tensor) -> tuple:
+            ys = tree.unflatten(x[:n])
+            ays = tree.unflatten(x[n:2 * n])
+            ys, ays = (ys, ays) if tree.is_tuple else ((ys,), (ays,))
+            return (x.new_zeros((), dtype=x.real.dtype), *ys, *ays, *split_params(x))
+
+        return AugNorm(user_norm, lambda x: user_norm(to_tuple(x)), to_tuple)
+    if user_norm is not None and user_norm != "seminorm":
+        raise E.UnknownOptionError(f"adjoint_options['norm'] must be 'seminorm' or a callable "
+                                   f"taking torchdiffeq's tuple (t, y, adj_y, *adj_params), got "
+                                   f"{user_norm!r}")
+    if user_norm is None:
+        blocks = [s for s in tree.sizes + tree.sizes + sizes_p if s > 0]
+        flat = _block_norm(blocks, 2 * n + sum(sizes_p))
+    else:
+        flat = _block_norm(tree.sizes + tree.sizes, 2 * n)
+
+    def to_tuple(x: torch.Tensor) -> tuple:
+        y, ay = x[:n], x[n:2 * n]
+        if state_shape is not None:
+            y, ay = y.view(state_shape), ay.view(state_shape)
+        return (x.new_zeros((), dtype=x.real.dtype), y, ay, *split_params(x))
+
+    def tuple_norm(tup: tuple) -> torch.Tensor:
+        _, y, ay, *ps = tup
+        return flat(torch.cat([y.reshape(-1), ay.reshape(-1), *[q.reshape(-1) for q in ps]]))
+
+    return AugNorm(tuple_norm, flat, to_tuple)
 
 
 def _widen(v: Any, n: int, p: int) -> Any:
@@ -144,6 +188,11 @@ class _Bridge(torch.autograd.Function):
         ctx.cfg = cfg
         ctx.event = sol.event_t is not None
         ctx.t_len = len(t)
+        # torchdiffeq keeps the adjoint options on the output's grad_fn; a norm replaced there
+        # before backward is the one the backward solve uses
+        ctx.adjoint_options = {**cfg.aug_spec.options, "norm": cfg.aug_norm.tuple_norm}
+        if cfg.out_shape is not None and sol.event_t is None:
+            return ys.view(len(ys), *cfg.out_shape)
         return ys
 
     @staticmethod
@@ -151,6 +200,12 @@ class _Bridge(torch.autograd.Function):
     def backward(ctx, grad_ys: torch.Tensor):
         cfg: BridgeConfig = ctx.cfg
         saved = ctx.saved_tensors
+        grad_ys = grad_ys.reshape(len(grad_ys), -1)
+        norm_now = ctx.adjoint_options.get("norm")
+        if norm_now is not cfg.aug_norm.tuple_norm:  # replaced by the user after forward
+            to_tuple = cfg.aug_norm.to_tuple
+            cfg = replace(cfg, aug_spec=replace(cfg.aug_spec,
+                                                norm=lambda x: norm_now(to_tuple(x))))
         if cfg.mode == "checkpointed":
             ts, ys, ck_t, ck_y, *params = saved
             pos = ctx.pos
@@ -255,7 +310,8 @@ def _merge_times(ts: torch.Tensor, checkpoints: Any) -> tuple[torch.Tensor, list
 
 # ------------------------------------------------------------------------------ entry point
 def bridge_solve(p: Any, params: tuple[torch.Tensor, ...], adjoint_spec: SolveSpec,
-                 gradient: str, forward_backend: Backend | None = None) -> Solution:
+                 gradient: str, forward_backend: Backend | None = None,
+                 shaped: bool = False) -> Solution:
     """Solve ``p`` (an :class:`pydiffbridge.api.Prepared`) through the bridge.
 
     Args:
@@ -269,6 +325,8 @@ def bridge_solve(p: Any, params: tuple[torch.Tensor, ...], adjoint_spec: SolveSp
         gradient: ``"adjoint"`` or ``"checkpointed"``.
         forward_backend: runs the forward solves instead of ``p.backend`` (which still runs
             the backward ones), e.g. per-sample stepping of :mod:`pydiffbridge.solvers.batched`.
+        shaped: for a tensor state, return ``ys`` in the state's shape straight from the
+            autograd Function (so that ``ys.grad_fn`` is the bridge's node, as in torchdiffeq).
 
     Returns:
         A flat :class:`Solution` whose ``ys`` is differentiable in ``y0``, ``params`` and ``t``
@@ -286,11 +344,13 @@ def bridge_solve(p: Any, params: tuple[torch.Tensor, ...], adjoint_spec: SolveSp
     n = p.y0.numel()
     sizes = tuple(q.numel() for q in gparams)
     P = sum(sizes)
+    aug_norm = _aug_norm(adjoint_spec.norm, p.tree, n, gparams)
     aug_spec = SolveSpec(adjoint_spec.method, _widen(adjoint_spec.rtol, n, P),
-                         _widen(adjoint_spec.atol, n, P), opts,
-                         _aug_norm(adjoint_spec.norm, p.tree.sizes, n, sizes))
-    cfg = BridgeConfig(p.backend, p.func, p.spec, aug_spec, p.event_fn, gradient, checkpoints,
-                       n, sizes, forward_backend=forward_backend)
+                         _widen(adjoint_spec.atol, n, P), opts, aug_norm.flat)
+    out_shape = tuple(p.tree.shapes[0]) if shaped and not p.tree.is_tuple else None
+    cfg = BridgeConfig(p.backend, p.func, p.spec, aug_spec, aug_norm, p.event_fn, gradient,
+                       checkpoints, n, sizes, forward_backend=forward_backend,
+                       out_shape=out_shape)
     ys = _Bridge.apply(cfg, p.y0, p.t, *gparams)
     sol = cfg.box.sol
     cfg.stats.__iadd__(sol.stats)

@@ -141,6 +141,8 @@ def bridge_batched(f: Callable, flat0: torch.Tensor, t: torch.Tensor, tb: torch.
                       flat(adj["atol"] if adj["atol"] is not None else atol),
                       {**opts, **aopts}, anorm)
     p = SimpleNamespace(y0=flat0.reshape(-1), t=t, func=F, spec=spec, event_fn=None, backend=be,
-                        tree=SimpleNamespace(sizes=parts * B))
+                        tree=SimpleNamespace(sizes=parts * B, is_tuple=False,
+                                             shapes=(torch.Size([B * n]),),
+                                             unflatten=lambda x: x))
     fwd = _PerSampleBackend(B, n, tab, rtol, atol, opts, parts, tdtype, tmap)
     return bridge_solve(p, params, aspec, gradient, forward_backend=fwd)
