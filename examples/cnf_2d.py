@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import time
 from collections.abc import Iterator
@@ -46,6 +45,24 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from pydiffbridge.backends.base import get_backend  # noqa: E402
+from pydiffbridge.checkpoint import (  # noqa: E402
+    load_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+    write_text_atomic,
+)
+from pydiffbridge.cli import (  # noqa: E402
+    comma_list,
+    int_at_least,
+    nonneg_float,
+    nonneg_int,
+    output_dir,
+    positive_float,
+    positive_int,
+    tolerance,
+)
+from pydiffbridge.errors import PyDiffBridgeError  # noqa: E402
 from pydiffbridge.nn.cnf import CNF, ConcatSquashMLP  # noqa: E402
 from pydiffbridge.nn.planar import PlanarCNF, PlanarFlow, planar_cnf_params  # noqa: E402
 from pydiffbridge.nn.toy2d import TOY_DATASETS, sample_toy  # noqa: E402
@@ -60,7 +77,7 @@ def build(kind: str, args: argparse.Namespace) -> nn.Module:
     common = dict(method=args.method, rtol=args.tol, atol=args.tol, gradient=args.gradient,
                   regularizers=regs)
     if kind == "cnf":
-        hidden = tuple(int(h) for h in args.hidden.split(","))
+        hidden = tuple(args.hidden)
         return CNF(ConcatSquashMLP(2, hidden, args.activation), trace=args.trace,
                    noise=args.noise, **common)
     if kind == "planar-cnf":
@@ -108,18 +125,19 @@ def train(kind: str, args: argparse.Namespace, out: Path) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     ckpt_path = out / f"ckpt_{kind}.pt"
     start, history, elapsed = 0, [], 0.0
-    if args.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+    ck, src = load_checkpoint(ckpt_path, missing_ok=True, return_path=True) if args.resume \
+        else (None, None)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         start, history, elapsed = ck["iter"], ck["history"], ck["train_time_s"]
         torch.set_rng_state(ck["rng"])
-        print(f"[{kind}] resumed from {ckpt_path} at iteration {start}")
+        print(f"[{kind}] resumed from {src} at iteration {start}")
 
     def save(it: int) -> None:
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "iter": it,
-                    "history": history, "train_time_s": elapsed, "rng": torch.get_rng_state(),
-                    "args": vars(args)}, ckpt_path)
+        save_checkpoint({"model": model.state_dict(), "opt": opt.state_dict(), "iter": it,
+                         "history": history, "train_time_s": elapsed,
+                         "rng": torch.get_rng_state(), "args": vars(args)}, ckpt_path)
 
     iters = args.nf_iters if (kind == "planar-nf" and args.nf_iters) else args.iters
     bar = tqdm(range(start, iters), desc=f"{kind} ({args.data})", initial=start,
@@ -147,9 +165,10 @@ def train(kind: str, args: argparse.Namespace, out: Path) -> dict:
         history.append({"iter": it + 1, "nll": nll.item(), "loss": float(loss.detach()),
                         "nfe_forward": nfe_f, "nfe_backward": nfe_b, "time_s": step_time})
         bar.set_postfix(nll=f"{nll.item():.3f}", nfe=f"{nfe_f}/{nfe_b}")
-        if (it + 1) % args.ckpt_every == 0:
+        if (it + 1) % args.save_every == 0 and it + 1 < iters:
             save(it + 1)
-    save(iters)
+    if start < iters:  # (a resumed run already past --iters keeps its checkpoint)
+        save(iters)
     return evaluate(kind, model, history, elapsed, args, out)
 
 
@@ -233,8 +252,7 @@ def plot_transform(kind: str, traj: np.ndarray, times: np.ndarray, path: Path) -
 
 
 def write_results(results: list[dict], args: argparse.Namespace, out: Path) -> None:
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results},
-                                                 indent=2))
+    write_json_atomic({"args": vars(args), "results": results}, out / "results.json")
     lines = [f"# CNF 2-D density estimation: {args.data}", "",
              f"{args.iters} iterations (planar NF: {args.nf_iters or args.iters}), batch "
              f"{args.batch_size}, lr {args.lr}, solver "
@@ -251,7 +269,15 @@ def write_results(results: list[dict], args: argparse.Namespace, out: Path) -> N
             f"{r['time_per_iter_s']:.3f} |")
     lines += ["", "NFE: mean over the last 10% of training iterations. Figures: "
               + ", ".join(f for r in results for f in r["figures"]), ""]
-    (out / "results.md").write_text("\n".join(lines))
+    write_text_atomic("\n".join(lines), out / "results.md")
+
+
+def _method(text: str) -> str:
+    try:
+        get_backend("torch").resolve_method(text)
+    except PyDiffBridgeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -260,30 +286,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", choices=TOY_DATASETS, default="moons")
     p.add_argument("--trace", choices=("exact", "hutchinson"), default="exact")
     p.add_argument("--noise", choices=("rademacher", "gaussian"), default="rademacher")
-    p.add_argument("--kinetic", type=float, default=0.0, help="kinetic-energy weight")
-    p.add_argument("--jacobian", type=float, default=0.0, help="Jacobian-Frobenius weight")
-    p.add_argument("--iters", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--hidden", default="64,64,64", help="MLP widths, comma separated")
+    p.add_argument("--kinetic", type=nonneg_float, default=0.0, help="kinetic-energy weight")
+    p.add_argument("--jacobian", type=nonneg_float, default=0.0,
+                   help="Jacobian-Frobenius weight")
+    p.add_argument("--iters", type=positive_int, default=400)
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--lr", type=positive_float, default=5e-3)
+    p.add_argument("--hidden", type=comma_list(positive_int), default="64,64,64",
+                   help="MLP widths, comma separated")
     p.add_argument("--activation", default="tanh", choices=("tanh", "softplus", "elu", "swish"))
-    p.add_argument("--method", default="dopri5")
-    p.add_argument("--tol", type=float, default=1e-4, help="training rtol = atol")
-    p.add_argument("--eval-tol", type=float, default=1e-5)
+    p.add_argument("--method", type=_method, default="dopri5")
+    p.add_argument("--tol", type=tolerance, default=1e-4, help="training rtol = atol")
+    p.add_argument("--eval-tol", type=tolerance, default=1e-5)
     p.add_argument("--gradient", choices=("adjoint", "direct"), default="adjoint")
     p.add_argument("--compare-planar", action="store_true",
                    help="train planar NF vs planar CNF at equal parameter budgets instead")
-    p.add_argument("--planar-width", type=int, default=20,
+    p.add_argument("--planar-width", type=positive_int, default=20,
                    help="planar CNF units M; the planar NF gets ceil(7M/5) layers")
-    p.add_argument("--nf-iters", type=int, default=None,
+    p.add_argument("--nf-iters", type=positive_int, default=None,
                    help="iterations for the planar NF (default --iters; it is much cheaper)")
-    p.add_argument("--n-test", type=int, default=5000)
-    p.add_argument("--n-samples", type=int, default=5000)
-    p.add_argument("--grid", type=int, default=100, help="density grid resolution")
-    p.add_argument("--ckpt-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from checkpoints in --out")
-    p.add_argument("--out", default=None, help="output dir (default runs/cnf_2d/<config>)")
+    p.add_argument("--n-test", type=positive_int, default=5000)
+    p.add_argument("--n-samples", type=positive_int, default=5000)
+    p.add_argument("--grid", type=int_at_least(2), default=100, help="density grid resolution")
+    p.add_argument("--save-every", "--ckpt-every", dest="save_every", type=positive_int,
+                   default=50, metavar="N",
+                   help="checkpoint every N iterations and at the end (the one before is kept "
+                   "as ckpt_<model>.pt.prev)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from checkpoints in --out (from the previous one if the "
+                   "latest is unreadable)")
+    p.add_argument("--out", type=output_dir, default=None,
+                   help="output dir (default runs/cnf_2d/<config>)")
     return p.parse_args(argv)
 
 

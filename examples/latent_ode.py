@@ -34,7 +34,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -47,6 +46,23 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from pydiffbridge.backends.base import BACKEND_NAMES, get_backend  # noqa: E402
+from pydiffbridge.checkpoint import (  # noqa: E402
+    load_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+    write_text_atomic,
+)
+from pydiffbridge.cli import (  # noqa: E402
+    fraction,
+    nonneg_float,
+    nonneg_int,
+    output_dir,
+    positive_float,
+    positive_int,
+    tolerance,
+)
+from pydiffbridge.errors import PyDiffBridgeError  # noqa: E402
 from pydiffbridge.nn.latent import (  # noqa: E402
     LatentODE,
     RNNBaseline,
@@ -105,14 +121,16 @@ def build(kind: str, args: argparse.Namespace) -> nn.Module:
 
 def train_model(kind: str, model: nn.Module, train: list[TimeSeries], t_split: float,
                 args: argparse.Namespace, ckpt: Path) -> dict:
-    """Adam on minibatches; checkpoints every ``--ckpt-every`` iterations and at the end."""
+    """Adam on minibatches; checkpoints every ``--save-every`` iterations and at the end."""
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     state = {"iter": 0, "train_time": 0.0, "losses": [], "nfe_fwd": [], "nfe_total": []}
-    if args.resume and ckpt.exists():
-        saved = torch.load(ckpt, weights_only=False)
+    saved, src = load_checkpoint(ckpt, missing_ok=True, return_path=True) if args.resume \
+        else (None, None)
+    if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
+        print(f"{args.current}/{kind}: resumed from {src} at iteration {state['iter']}")
     g = torch.Generator().manual_seed(args.seed + 1000 * state["iter"])
     bar = tqdm(range(state["iter"], args.iters), desc=f"{args.current}/{kind}", leave=False)
     for it in bar:
@@ -137,8 +155,9 @@ def train_model(kind: str, model: nn.Module, train: list[TimeSeries], t_split: f
         state["losses"].append(float(loss.detach()))
         state["iter"] = it + 1
         bar.set_postfix(loss=f"{state['losses'][-1]:.3f}")
-        if state["iter"] % args.ckpt_every == 0 or state["iter"] == args.iters:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, ckpt)
+        if state["iter"] % args.save_every == 0 or state["iter"] == args.iters:
+            save_checkpoint({"model": model.state_dict(), "opt": opt.state_dict(),
+                             "state": state}, ckpt)
     return state
 
 
@@ -212,8 +231,8 @@ def figure(name: str, models: dict, test: list, t_split: float, t_end: float, in
 
 
 def write_results(out: Path, results: dict, args: argparse.Namespace) -> None:
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "results": results},
-                                                 indent=2, default=str))
+    write_json_atomic({"args": vars(args), "results": results}, out / "results.json",
+                      default=str)
     lines = ["# Latent ODE vs RNN-Δt baseline (test MSE, standardised units)", "",
              "| data | model | extrap MSE | interp MSE | train time (s) | iters | "
              "NFE/iter fwd | NFE/iter fwd+bwd |", "|---|---|---|---|---|---|---|---|"]
@@ -224,7 +243,18 @@ def write_results(out: Path, results: dict, args: argparse.Namespace) -> None:
             lines.append(f"| {data} | {kind} | {r['extrap_mse']:.4f} | {r['interp_mse']:.4f} | "
                          f"{r['train_time']:.1f} | {r['iters']} | {nf} | {nt} |")
     lines += [""] + [f"![{d}]({r['figure']})" for d, r in results.items()]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic("\n".join(lines) + "\n", out / "results.md")
+
+
+def _method(backend_arg: str = "torch"):
+    def parse(text: str) -> str:
+        try:
+            get_backend(backend_arg).resolve_method(text)
+        except PyDiffBridgeError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return parse
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -232,34 +262,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", nargs="+", default=["spirals", "sunspots"],
                    choices=["spirals", *REAL])
-    p.add_argument("--iters", type=int, default=300, help="training iterations per model")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--hidden", type=int, default=64, help="width of all hidden layers")
-    p.add_argument("--latent-dim", type=int, default=4)
+    p.add_argument("--iters", type=positive_int, default=300,
+                   help="training iterations per model")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--lr", type=positive_float, default=1e-2)
+    p.add_argument("--hidden", type=positive_int, default=64, help="width of all hidden layers")
+    p.add_argument("--latent-dim", type=positive_int, default=4)
     p.add_argument("--encoder", choices=["rnn", "odernn"], default="rnn")
     p.add_argument("--encoder-method", default="euler",
                    help="ODE-RNN gap solver (fixed-step ones use --encoder-step)")
-    p.add_argument("--encoder-step", type=float, default=0.5,
-                   help="fixed step on the normalised gap time s in [0, 1]")
+    p.add_argument("--encoder-step", type=fraction, default=0.5,
+                   help="fixed step on the normalised gap time s in [0, 1], in (0, 1]")
     p.add_argument("--method", default="dopri5", help="latent ODE solver")
-    p.add_argument("--rtol", type=float, default=1e-3)
-    p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--rtol", type=tolerance, default=1e-3)
+    p.add_argument("--atol", type=tolerance, default=1e-4)
     p.add_argument("--gradient", choices=["direct", "adjoint"], default="direct")
-    p.add_argument("--backend", default="torch")
-    p.add_argument("--obs-std", type=float, default=0.1, help="likelihood noise scale")
-    p.add_argument("--kl-anneal", type=int, default=100, help="iterations of KL warm-up")
-    p.add_argument("--n-samples", type=int, default=8, help="z0 draws for predictions")
-    p.add_argument("--noise", type=float, default=0.0, help="spiral observation noise std")
-    p.add_argument("--n-train", type=int, default=256, help="spirals for training")
-    p.add_argument("--n-test", type=int, default=64, help="spirals for testing")
-    p.add_argument("--keep", type=float, default=0.6,
+    p.add_argument("--backend", default="torch", choices=BACKEND_NAMES)
+    p.add_argument("--obs-std", type=positive_float, default=0.1, help="likelihood noise scale")
+    p.add_argument("--kl-anneal", type=nonneg_int, default=100,
+                   help="iterations of KL warm-up (0: none)")
+    p.add_argument("--n-samples", type=nonneg_int, default=8,
+                   help="z0 draws for predictions (0: the posterior mean only)")
+    p.add_argument("--noise", type=nonneg_float, default=0.0, help="spiral observation noise std")
+    p.add_argument("--n-train", type=positive_int, default=256, help="spirals for training")
+    p.add_argument("--n-test", type=positive_int, default=64, help="spirals for testing")
+    p.add_argument("--keep", type=fraction, default=0.6,
                    help="real series: fraction of points kept at random in each window")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt-every", type=int, default=50)
-    p.add_argument("--resume", action="store_true", help="continue from checkpoints in --out")
-    p.add_argument("--out", default="runs/latent_ode")
-    return p.parse_args(argv)
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--save-every", "--ckpt-every", dest="save_every", type=positive_int,
+                   default=50, metavar="N",
+                   help="checkpoint every N iterations and at the end (the one before is kept "
+                   "as <checkpoint>.prev)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from checkpoints in --out (from the previous one if the "
+                   "latest is unreadable)")
+    p.add_argument("--out", type=output_dir, default="runs/latent_ode")
+    args = p.parse_args(argv)
+    for flag, method in (("--method", args.method), ("--encoder-method", args.encoder_method)):
+        try:
+            _method(args.backend)(method)
+        except argparse.ArgumentTypeError as exc:
+            p.error(f"argument {flag}: {exc}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

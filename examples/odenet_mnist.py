@@ -32,7 +32,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 import weakref
@@ -44,6 +43,26 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from tqdm import tqdm
 
+from pydiffbridge.checkpoint import (
+    load_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+    write_text_atomic,
+)
+from pydiffbridge.cli import (
+    choice_list,
+    comma_list,
+    device_spec,
+    existing_dir,
+    fraction,
+    int_at_least,
+    nonneg_float,
+    nonneg_int,
+    output_dir,
+    positive_float,
+    positive_int,
+    tolerance,
+)
 from pydiffbridge.errors import BackendUnavailableError
 from pydiffbridge.nn._data import ImageData, load_dataset
 from pydiffbridge.nn.odeblock import ConvODEFunc, ODEBlock, group_norm
@@ -202,13 +221,14 @@ def train_model(kind: str, data: ImageData, args: argparse.Namespace,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     state = {"epoch": 0, "epoch_times": [], "nfe": [], "losses": []}
     ckpt = out / f"ckpt_{kind}.pt"
-    if args.resume and ckpt.exists():
-        saved = torch.load(ckpt, map_location=device, weights_only=False)
+    saved, src = (load_checkpoint(ckpt, map_location=device, missing_ok=True, return_path=True)
+                  if args.resume else (None, None))
+    if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         sched.load_state_dict(saved["sched"])
         state = saved["state"]
-        print(f"[{kind}] resumed from {ckpt} at epoch {state['epoch']}")
+        print(f"[{kind}] resumed from {src} at epoch {state['epoch']}")
     block = ode_block(model)
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(state["epoch"], args.epochs):
@@ -235,8 +255,9 @@ def train_model(kind: str, data: ImageData, args: argparse.Namespace,
             torch.cuda.synchronize()
         state["epoch_times"].append(time.perf_counter() - t0)
         state["epoch"] = epoch + 1
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                    "sched": sched.state_dict(), "state": state}, ckpt)
+        if state["epoch"] % args.save_every == 0 or state["epoch"] == args.epochs:
+            save_checkpoint({"model": model.state_dict(), "opt": opt.state_dict(),
+                             "sched": sched.state_dict(), "state": state}, ckpt)
     err, _ = evaluate(model, data.x_test, data.y_test, device)
     mb = min(args.batch_size, len(data.y_train))
     mem = peak_step_memory(model, data.x_train[:mb].to(device), data.y_train[:mb].to(device))
@@ -305,7 +326,7 @@ def write_results(out: Path, results: dict) -> None:
     slim = {k: v for k, v in results.items() if k != "rows"}
     slim["rows"] = [{k: v for k, v in r.items() if k != "nfe_history"}
                     for r in results.get("rows", [])]
-    (out / "results.json").write_text(json.dumps(slim, indent=2))
+    write_json_atomic(slim, out / "results.json")
     lines = [f"# ODE-Net comparison on {results['dataset']}", "",
              f"Command: `{results['command']}`", "",
              f"Device: {results['device']}; train/test images: {results['n_train']}/"
@@ -361,42 +382,65 @@ def write_results(out: Path, results: dict) -> None:
         fig.tight_layout()
         fig.savefig(out / "memory_vs_steps.png", dpi=120)
         plt.close(fig)
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic("\n".join(lines) + "\n", out / "results.md")
+
+
+def _models(text: str) -> list[str]:
+    """``--model``: all, none or a comma list of :data:`MODELS`."""
+    if text in ("all", "none"):
+        return list(MODELS) if text == "all" else []
+    return choice_list(MODELS)(text)
+
+
+def _device(text: str) -> str:
+    return text if text == "auto" else device_spec(text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="all",
+    p.add_argument("--model", type=_models, default="all",
                    help="all, none (with --memory-sweep) or a comma list of " + ",".join(MODELS))
     p.add_argument("--dataset", default="auto", choices=["auto", "fashion", "mnist", "digits",
                                                          "dir"],
                    help="auto: MNIST via torchvision, else Fashion-MNIST, else sklearn digits")
-    p.add_argument("--data-dir", default=None, help="directory of MNIST-format idx files")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--subset", type=int, default=1000, help="training images (0 = all)")
-    p.add_argument("--test-subset", type=int, default=None, help="test images (default subset/5)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="resize images to this size (default: 16 for digits, else native)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--data-dir", type=existing_dir, default=None,
+                   help="directory of MNIST-format idx files")
+    p.add_argument("--epochs", type=positive_int, default=1)
+    p.add_argument("--subset", type=nonneg_int, default=1000, help="training images (0 = all)")
+    p.add_argument("--test-subset", type=positive_int, default=None,
+                   help="test images (default subset/5)")
+    p.add_argument("--image-size", type=int_at_least(6), default=None,
+                   help="resize images to this size, >= 6 (default: 16 for digits, else native)")
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
                    help="sgd: momentum 0.9 as in the paper's code")
-    p.add_argument("--lr", type=float, default=None, help="default 0.1 (sgd), 1e-3 (adam)")
-    p.add_argument("--wd", type=float, default=5e-4)
-    p.add_argument("--tol", type=float, default=1e-3, help="ODE-Net rtol = atol for training")
-    p.add_argument("--rk-steps", type=int, default=4, help="RK-Net fixed RK4 steps on [0, 1]")
-    p.add_argument("--tolerances", type=lambda s: [float(v) for v in s.split(",")],
-                   default=[1.0, 1e-1, 1e-2, 1e-3, 1e-4], help="ODE-Net evaluation tolerances")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="default 0.1 (sgd), 1e-3 (adam)")
+    p.add_argument("--wd", type=nonneg_float, default=5e-4)
+    p.add_argument("--tol", type=tolerance, default=1e-3, help="ODE-Net rtol = atol for training")
+    p.add_argument("--rk-steps", type=positive_int, default=4,
+                   help="RK-Net fixed RK4 steps on [0, 1]")
+    p.add_argument("--tolerances", type=comma_list(fraction),
+                   default=[1.0, 1e-1, 1e-2, 1e-3, 1e-4],
+                   help="ODE-Net evaluation tolerances, each in (0, 1]")
     p.add_argument("--memory-sweep", action="store_true", help="also run the memory sweep")
-    p.add_argument("--sweep-steps", type=lambda s: [int(v) for v in s.split(",")],
-                   default=[1, 2, 4, 8, 16, 32])
-    p.add_argument("--sweep-batch", type=int, default=32)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true", help="continue from checkpoints in --out")
-    p.add_argument("--out", default="runs/odenet_mnist")
+    p.add_argument("--sweep-steps", type=comma_list(positive_int), default=[1, 2, 4, 8, 16, 32])
+    p.add_argument("--sweep-batch", type=positive_int, default=32)
+    p.add_argument("--device", type=_device, default="auto")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--save-every", type=positive_int, default=1, metavar="N",
+                   help="checkpoint every N epochs and after the last (the one before is kept "
+                   "as ckpt_<model>.pt.prev)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from checkpoints in --out (from the previous one if the "
+                   "latest is unreadable)")
+    p.add_argument("--out", type=output_dir, default="runs/odenet_mnist")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.dataset == "dir" and args.data_dir is None:
+        p.error("argument --data-dir: required with --dataset dir")
+    return args
 
 
 def get_data(args: argparse.Namespace) -> ImageData:
@@ -426,15 +470,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if args.device == "auto" else args.device)
     data = get_data(args)
-    if args.model == "none":
-        kinds: list[str] = []
-    elif args.model == "all":
-        kinds = list(MODELS)
-    else:
-        kinds = [m.strip() for m in args.model.split(",")]
-    bad = [k for k in kinds if k not in MODELS]
-    if bad:
-        raise SystemExit(f"--model: unknown {bad}; choose all or a comma list of {MODELS}")
+    kinds: list[str] = args.model
     results = {"dataset": data.name, "device": str(device), "n_train": len(data.y_train),
                "n_test": len(data.y_test), "epochs": args.epochs, "sweep_batch": args.sweep_batch,
                "command": "python examples/odenet_mnist.py " + " ".join(

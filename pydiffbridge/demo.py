@@ -3,7 +3,8 @@
 The data come from the cubic spiral of the neural-ODE paper's demo, dy/dt = (y**3) A with
 A = [[-0.1, 2], [-2, -0.1]]; a 2-50-2 tanh MLP learns the vector field from random
 sub-trajectories.  Prints the loss, NFE (forward and backward) and time; saves a figure and a
-checkpoint (``--resume`` continues from it).
+checkpoint every ``--save-every`` iterations, crash-safe (``--resume`` continues from it, or
+from the one before it if it is unreadable).
 
     python -m pydiffbridge demo --help
 """
@@ -11,7 +12,6 @@ checkpoint (``--resume`` continues from it).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 import warnings
 from pathlib import Path
@@ -20,6 +20,12 @@ import torch
 from torch import nn
 
 from . import odeint, odeint_adjoint
+from .backends.base import BACKEND_NAMES, get_backend
+from .checkpoint import load_checkpoint, save_checkpoint, write_json_atomic
+from .cli import int_at_least
+from .errors import PyDiffBridgeError
+
+BACKENDS = tuple(BACKEND_NAMES)
 
 TRUE_A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]])
 
@@ -52,23 +58,50 @@ def _progress(n: int, quiet: bool):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from .cli import nonneg_int, output_dir, positive_float, positive_int, tolerance
+
     p = argparse.ArgumentParser(prog="python -m pydiffbridge demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--niters", type=int, default=1000, help="training iterations (default 1000)")
-    p.add_argument("--data-size", type=int, default=1000, help="points on the true trajectory")
-    p.add_argument("--batch-time", type=int, default=10, help="length of sub-trajectories")
-    p.add_argument("--batch-size", type=int, default=20, help="sub-trajectories per batch")
+    p.add_argument("--niters", type=positive_int, default=1000,
+                   help="training iterations, >= 1 (default 1000)")
+    p.add_argument("--data-size", type=int_at_least(3), default=1000,
+                   help="points on the true trajectory (> --batch-time)")
+    p.add_argument("--batch-time", type=int_at_least(2), default=10,
+                   help="length of sub-trajectories, >= 2")
+    p.add_argument("--batch-size", type=positive_int, default=20,
+                   help="sub-trajectories per batch")
     p.add_argument("--method", default="dopri5", help="solver (default dopri5)")
-    p.add_argument("--rtol", type=float, default=1e-5)
-    p.add_argument("--atol", type=float, default=1e-6)
-    p.add_argument("--backend", default="torch", help="torch | scipy | julia")
+    p.add_argument("--rtol", type=tolerance, default=1e-5, help="in (0, 1)")
+    p.add_argument("--atol", type=tolerance, default=1e-6, help="in (0, 1)")
+    p.add_argument("--backend", default="torch", choices=BACKENDS, help="torch | scipy | julia")
     p.add_argument("--adjoint", action="store_true", help="train with the adjoint method")
-    p.add_argument("--lr", type=float, default=1e-2, help="initial Adam rate (cosine decay)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="runs/demo", help="output folder (figure, checkpoint, JSON)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--lr", type=positive_float, default=1e-2,
+                   help="initial Adam rate (cosine decay)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--out", type=output_dir, default="runs/demo",
+                   help="output folder (figure, checkpoint, JSON)")
+    p.add_argument("--save-every", type=positive_int, default=100, metavar="N",
+                   help="write the checkpoint every N iterations and at the end (default 100); "
+                   "the one before is kept as checkpoint.pt.prev")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt (from checkpoint.pt.prev if that one "
+                   "is unreadable)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.data_size <= args.batch_time:
+        p.error(f"argument --data-size: must exceed --batch-time ({args.batch_time}), got "
+                f"{args.data_size}")
+    try:
+        get_backend(args.backend).resolve_method(args.method)
+    except PyDiffBridgeError as exc:
+        p.error(f"argument --method: {exc}")
+    return args
+
+
+def _save(path: Path, func, opt, sched, it: int) -> None:
+    save_checkpoint({"func": func.state_dict(), "opt": opt.state_dict(),
+                     "sched": sched.state_dict(), "iter": it, "rng": torch.get_rng_state()},
+                    path)
 
 
 def main(argv=None) -> dict:
@@ -86,8 +119,9 @@ def main(argv=None) -> dict:
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, args.niters))
     start_it = 0
     ckpt = out / "checkpoint.pt"
-    if args.resume and ckpt.exists():
-        state = torch.load(ckpt)
+    state = load_checkpoint(ckpt, missing_ok=True, return_path=True) if args.resume else None
+    if state is not None and state[0] is not None:
+        state, src = state
         func.load_state_dict(state["func"])
         opt.load_state_dict(state["opt"])
         start_it = state["iter"]
@@ -98,6 +132,12 @@ def main(argv=None) -> dict:
                 warnings.simplefilter("ignore", UserWarning)
                 for _ in range(start_it):
                     sched.step()
+        if "rng" in state:  # the same batches as an uninterrupted run
+            torch.set_rng_state(state["rng"])
+        if not args.quiet:
+            print(f"resumed from {src} at iteration {start_it}")
+    elif args.resume and not args.quiet:
+        print(f"no checkpoint in {out}: starting from iteration 0")
     solver = odeint_adjoint if args.adjoint else odeint
     kw = dict(rtol=args.rtol, atol=args.atol, method=args.method, backend=args.backend)
 
@@ -108,8 +148,12 @@ def main(argv=None) -> dict:
 
     nfe_f = nfe_b = 0
     t_start = time.perf_counter()
-    loss_v = float("nan")
-    for _ in _progress(args.niters - start_it, args.quiet):
+    loss_v = None
+    it = start_it
+    if start_it >= args.niters:
+        print(f"the checkpoint is at iteration {start_it} >= --niters {args.niters}: nothing "
+              "to train (raise --niters to continue)")
+    for _ in _progress(max(0, args.niters - start_it), args.quiet):
         opt.zero_grad()
         by0, bt, by = get_batch()
         func.nfe = 0
@@ -122,10 +166,11 @@ def main(argv=None) -> dict:
         opt.step()
         sched.step()
         loss_v = loss.item()
+        it += 1
+        if it % args.save_every == 0 or it == args.niters:
+            _save(ckpt, func, opt, sched, it)
     train_time = time.perf_counter() - t_start
-    iters = max(1, args.niters - start_it)
-    torch.save({"func": func.state_dict(), "opt": opt.state_dict(),
-                "sched": sched.state_dict(), "iter": args.niters}, ckpt)
+    iters = it - start_it
 
     with torch.no_grad():
         func.nfe = 0
@@ -133,16 +178,18 @@ def main(argv=None) -> dict:
         full_nfe = func.nfe
         full_loss = float((pred_y - true_y).abs().mean())
     result = {
-        "iterations": args.niters, "final_batch_loss": loss_v, "trajectory_l1": full_loss,
-        "mean_nfe_forward": nfe_f / iters, "mean_nfe_backward": nfe_b / iters,
+        "iterations": it, "final_batch_loss": loss_v, "trajectory_l1": full_loss,
+        "mean_nfe_forward": nfe_f / iters if iters else None,
+        "mean_nfe_backward": nfe_b / iters if iters else None,
         "nfe_full_trajectory": full_nfe, "train_seconds": round(train_time, 2),
         "method": args.method, "adjoint": args.adjoint, "backend": args.backend,
     }
     _figure(out / "spiral.png", true_y, pred_y, func)
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    print(f"trajectory L1 error {full_loss:.4f} | NFE/iter forward {result['mean_nfe_forward']:.1f}"
-          f" backward {result['mean_nfe_backward']:.1f} | full-trajectory NFE {full_nfe} | "
-          f"train time {train_time:.1f}s for {iters} iterations")
+    write_json_atomic(result, out / "result.json")
+    per_iter = (f"NFE/iter forward {nfe_f / iters:.1f} backward {nfe_b / iters:.1f}" if iters
+                else "no iterations trained")
+    print(f"trajectory L1 error {full_loss:.4f} | {per_iter} | full-trajectory NFE {full_nfe} "
+          f"| train time {train_time:.1f}s for {iters} iterations")
     print(f"figure: {out / 'spiral.png'}  checkpoint: {ckpt}  results: {out / 'result.json'}")
     return result
 

@@ -219,27 +219,32 @@ def _table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cli import device_spec, output_dir, positive_int, tolerance
+
     ap = argparse.ArgumentParser(prog="python -m pydiffbridge.bench.adjoint_bench",
                                  description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--what", choices=("memory", "speed", "all"), default="all")
-    ap.add_argument("--steps", type=int, nargs="+", default=[10, 100, 1000],
+    ap.add_argument("--steps", type=positive_int, nargs="+", default=[10, 100, 1000],
                     help="rk4 step counts of the memory benchmark")
-    ap.add_argument("--batch", type=int, default=256, help="memory: batch size")
-    ap.add_argument("--dim", type=int, default=32, help="memory: state dimension")
-    ap.add_argument("--hidden", type=int, default=128, help="memory: hidden width")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--reps", type=int, default=5, help="speed: timed training steps")
-    ap.add_argument("--batch-speed", type=int, default=256)
-    ap.add_argument("--hidden-speed", type=int, default=64)
-    ap.add_argument("--rtol", type=float, default=1e-6)
-    ap.add_argument("--atol", type=float, default=1e-8)
-    ap.add_argument("--out", default="runs/adjoint_bench", help="output folder")
+    ap.add_argument("--batch", type=positive_int, default=256, help="memory: batch size")
+    ap.add_argument("--dim", type=positive_int, default=32, help="memory: state dimension")
+    ap.add_argument("--hidden", type=positive_int, default=128, help="memory: hidden width")
+    ap.add_argument("--device", type=device_spec,
+                    default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--reps", type=positive_int, default=5, help="speed: timed training steps")
+    ap.add_argument("--batch-speed", type=positive_int, default=256)
+    ap.add_argument("--hidden-speed", type=positive_int, default=64)
+    ap.add_argument("--rtol", type=tolerance, default=1e-6)
+    ap.add_argument("--atol", type=tolerance, default=1e-8)
+    ap.add_argument("--out", type=output_dir, default="runs/adjoint_bench", help="output folder")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
         print(json.dumps(memory_run(*json.loads(args._child))))
         return 0
+    from ..checkpoint import write_json_atomic, write_text_atomic
+
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -271,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         result["speed"] = rows
         md += ["## Speed", "", f"batch {args.batch_speed}, hidden {args.hidden_speed}, rtol "
                f"{args.rtol}, atol {args.atol}, median of {args.reps} steps", "", _table(rows), ""]
-    (out / "adjoint_bench.json").write_text(json.dumps(result, indent=2))
-    (out / "adjoint_bench.md").write_text("\n".join(md))
+    write_json_atomic(result, out / "adjoint_bench.json")
+    write_text_atomic("\n".join(md), out / "adjoint_bench.md")
     print(f"wrote {out / 'adjoint_bench.md'} and {out / 'adjoint_bench.json'}")
     return 0
 

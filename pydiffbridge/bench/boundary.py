@@ -12,10 +12,10 @@ Run: ``python -m pydiffbridge.bench.boundary [--dim 8 --hidden 32 --rtol 1e-6 --
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -112,23 +112,29 @@ def to_markdown(res: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..backends.base import BACKEND_NAMES
+    from ..checkpoint import write_json_atomic
+    from ..cli import output_file, positive_float, positive_int, tolerance
+
     ap = argparse.ArgumentParser(prog="python -m pydiffbridge.bench.boundary",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backends", nargs="*", default=None, help="default: all")
-    ap.add_argument("--dim", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=32)
-    ap.add_argument("--t-end", type=float, default=5.0)
-    ap.add_argument("--rtol", type=float, default=1e-6)
-    ap.add_argument("--atol", type=float, default=1e-8)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    ap.add_argument("--backends", nargs="*", default=None, choices=BACKEND_NAMES,
+                    help="default: all")
+    ap.add_argument("--dim", type=positive_int, default=8)
+    ap.add_argument("--hidden", type=positive_int, default=32)
+    ap.add_argument("--t-end", type=positive_float, default=5.0)
+    ap.add_argument("--rtol", type=tolerance, default=1e-6)
+    ap.add_argument("--atol", type=tolerance, default=1e-8)
+    ap.add_argument("--repeats", type=positive_int, default=3)
+    ap.add_argument("--json", type=output_file, default=None,
+                    help="also write the results to this JSON file")
     a = ap.parse_args(argv)
     res = measure(a.backends, dim=a.dim, hidden=a.hidden, t_end=a.t_end, rtol=a.rtol,
                   atol=a.atol, repeats=a.repeats)
     print(to_markdown(res))
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(res, fh, indent=2)
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(res, a.json)
     return 0
 
 

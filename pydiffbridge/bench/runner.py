@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import statistics
@@ -43,6 +42,16 @@ PRESETS = {
     "vdp": dict(problems="vdp", methods="dopri5,tsit5", tols="1e-5,1e-7", backends="torch",
                 peers="torchode", batch_mode="both"),
 }
+
+
+PEERS = ("torchdiffeq", "torchode")
+
+
+def _names(value) -> list:
+    """A comma list as parsed by the CLI (a list), or still a string (programmatic use)."""
+    if isinstance(value, str):
+        return [v for v in value.split(",") if v]
+    return list(value)
 
 
 def _sync(device: str) -> None:
@@ -181,15 +190,15 @@ def run_bench(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     avail = available_backends()
-    backends = [b for b in args.backends.split(",") if b]
+    backends = _names(args.backends)
     skipped = {b: avail.get(b, "unknown backend") for b in backends if avail.get(b, "?") != ""}
     backends = [b for b in backends if b not in skipped]
-    peers = [q for q in args.peers.split(",") if q]
-    methods = args.methods.split(",")
-    tols = [float(x) for x in args.tols.split(",")]
+    peers = _names(args.peers)
+    methods = _names(args.methods)
+    tols = [float(x) for x in _names(args.tols)]
     rows = []
     dtype = getattr(torch, args.dtype)
-    problems = [make_problem(name, args.device, dtype) for name in args.problems.split(",")]
+    problems = [make_problem(name, args.device, dtype) for name in _names(args.problems)]
     groups = []
     for p in problems:
         table = solver_table(p, backends, peers, args.batch_mode, args.compile)
@@ -246,25 +255,47 @@ def run_bench(args: argparse.Namespace) -> dict:
     return {"meta": meta, "rows": rows}
 
 
+def _method_name(text: str) -> str:
+    import argparse as _ap
+
+    if not text.replace("_", "").isalnum():
+        raise _ap.ArgumentTypeError(f"{text!r} is not a method name (e.g. dopri5, tsit5)")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from ..backends.base import BACKEND_NAMES
+    from ..cli import (
+        choice_list,
+        comma_list,
+        device_spec,
+        nonneg_int,
+        output_dir,
+        positive_int,
+        tolerance,
+    )
+
     ap = argparse.ArgumentParser(prog="pydiffbridge bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration (issue2: "
                     "MLP ours vs torchdiffeq/torchode, one thread; vdp: per-sample vs shared); "
                     "explicit flags override it")
-    ap.add_argument("--problems", default=",".join(PROBLEMS), help="comma list of: " +
-                    ", ".join(PROBLEMS))
-    ap.add_argument("--backends", default="torch,scipy,julia",
-                    help="our backends (missing ones are skipped)")
-    ap.add_argument("--peers", default="torchdiffeq,torchode", help="peer libraries ('' none)")
-    ap.add_argument("--methods", default="dopri5,tsit5")
-    ap.add_argument("--tols", default="1e-3,1e-6", help="rtol = atol sweep")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--problems", type=choice_list(tuple(PROBLEMS)), default=",".join(PROBLEMS),
+                    help="comma list of: " + ", ".join(PROBLEMS))
+    ap.add_argument("--backends", type=choice_list(BACKEND_NAMES, allow_empty=True),
+                    default="torch,scipy,julia", help="our backends (missing ones are skipped)")
+    ap.add_argument("--peers", type=choice_list(PEERS, allow_empty=True),
+                    default="torchdiffeq,torchode", help="peer libraries ('' none)")
+    ap.add_argument("--methods", type=comma_list(_method_name), default="dopri5,tsit5")
+    ap.add_argument("--tols", type=comma_list(tolerance), default="1e-3,1e-6",
+                    help="rtol = atol sweep, each in (0, 1)")
+    ap.add_argument("--repeats", type=positive_int, default=3)
+    ap.add_argument("--device", type=device_spec, default="cpu")
     ap.add_argument("--dtype", choices=["float64", "float32"], default="float64",
                     help="dtype of the state and the right-hand side (errors are measured "
                     "against float64 references)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--threads", type=nonneg_int, default=0,
+                    help="torch threads (0: leave as is)")
     ap.add_argument("--batch-mode", choices=["shared", "per-sample", "both"], default="shared",
                     help="our torch backend: one step size for the batch, or one per sample")
     ap.add_argument("--compile", action="store_true", help="also run our per-sample loop with its "
@@ -272,13 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None,
                     help="measure memory in one extra run (default: on for CUDA; on CPU it "
                     "records what direct backprop saves, which is slow at tight tolerances)")
-    ap.add_argument("--out", default="runs/bench", help="output directory")
+    ap.add_argument("--out", type=output_dir, default="runs/bench", help="output directory")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m pydiffbridge bench`` and ``pydiffbridge-bench``."""
+    from ..checkpoint import write_json_atomic, write_text_atomic
+
     ap = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = ap.parse_known_args(argv)[0].preset
@@ -287,15 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.memory is None:
         args.memory = args.device.startswith("cuda")
-    bad = [n for n in args.problems.split(",") if n not in PROBLEMS]
-    if bad:
-        ap.error(f"unknown problem(s) {bad}; choose from {', '.join(PROBLEMS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = run_bench(args)
-    (out / "results.json").write_text(json.dumps(res, indent=1))
+    write_json_atomic(res, out / "results.json", indent=1)
     md = to_markdown(res)
-    (out / "results.md").write_text(md)
+    write_text_atomic(md, out / "results.md")
     plot(res, out / "work_precision.png")
     print(md)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'work_precision.png'}")

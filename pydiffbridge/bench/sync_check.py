@@ -13,7 +13,6 @@ On CUDA the CUDA runtime's synchronisations and copies are counted as well.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -95,20 +94,25 @@ def to_markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..cli import device_spec, output_dir, positive_int
+
     ap = argparse.ArgumentParser(prog="python -m pydiffbridge.bench.sync_check",
                                  description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sync-every", type=int, default=8,
+    ap.add_argument("--device", type=device_spec,
+                    default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sync-every", type=positive_int, default=8,
                     help="the device loops' check interval (>1 on the CPU selects the same "
                     "torch code path as on CUDA)")
-    ap.add_argument("--out", default="runs/sync_check", help="output directory")
+    ap.add_argument("--out", type=output_dir, default="runs/sync_check", help="output directory")
     args = ap.parse_args(argv)
+    from ..checkpoint import write_json_atomic, write_text_atomic
+
     rows = [marginal_reads(k, args.device, args.sync_every) for k in KINDS]
     md = to_markdown(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
+    write_text_atomic(md, out / "results.md")
+    write_json_atomic(rows, out / "results.json", indent=1)
     print(md)
     print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
     return 0

@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ._checks import check_positive, check_size
+from .fields import ConcatSquashLinear, ConcatSquashMLP
 from .regularizers import RateContext, Regularizer, RegularizerSpec, parse_regularizers
 from .regularizers import regularization_loss as _reg_loss
 
@@ -35,68 +37,6 @@ def standard_normal_logprob(z: torch.Tensor) -> torch.Tensor:
     """``log N(z; 0, I)`` summed over the last dimension; shape ``z.shape[:-1]``."""
     d = z.shape[-1]
     return -0.5 * d * math.log(2.0 * math.pi) - 0.5 * z.pow(2).sum(dim=-1)
-
-
-class ConcatSquashLinear(nn.Module):
-    """FFJORD's time-gated linear layer: ``(W x + b) · σ(g t + c) + h t``."""
-
-    def __init__(self, dim_in: int, dim_out: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(dim_in, dim_out)
-        self.gate = nn.Linear(1, dim_out)
-        self.shift = nn.Linear(1, dim_out, bias=False)
-
-    def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        tt = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(1, 1)
-        return self.linear(x) * torch.sigmoid(self.gate(tt)) + self.shift(tt)
-
-
-_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
-    "tanh": nn.Tanh,
-    "softplus": nn.Softplus,
-    "elu": nn.ELU,
-    "swish": nn.SiLU,
-}
-
-
-class ConcatSquashMLP(nn.Module):
-    """An FFJORD-style vector field ``f(t, z)``: a stack of :class:`ConcatSquashLinear`
-    layers (time-dependent gating) with smooth activations.
-
-    Args:
-        dim: state dimension ``D``.
-        hidden: widths of the hidden layers.
-        activation: ``"tanh"`` (default), ``"softplus"``, ``"elu"`` or ``"swish"``; use a
-            smooth one, the trace's parameter gradient needs second derivatives.
-    """
-
-    def __init__(
-        self, dim: int, hidden: Sequence[int] = (64, 64, 64), activation: str = "tanh"
-    ) -> None:
-        super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise InputError(
-                f"ConcatSquashMLP(activation={activation!r}): unknown; use one of "
-                f"{sorted(_ACTIVATIONS)}."
-            )
-        if int(dim) < 1 or any(int(h) < 1 for h in hidden):
-            raise InputError(
-                f"ConcatSquashMLP(dim={dim}, hidden={tuple(hidden)}): sizes must be >= 1."
-            )
-        self.dim = int(dim)
-        widths = [int(dim), *(int(h) for h in hidden), int(dim)]
-        self.layers = nn.ModuleList(
-            ConcatSquashLinear(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)
-        )
-        self.acts = nn.ModuleList(_ACTIVATIONS[activation]() for _ in widths[1:-1])
-
-    def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        h = z
-        for i, layer in enumerate(self.layers):
-            h = layer(t, h)
-            if i < len(self.acts):
-                h = self.acts[i](h)
-        return h
 
 
 def _draw_noise(kind: str, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -253,6 +193,15 @@ class CNF(nn.Module):
                 "CNF(trace='closed_form'): func has no dynamics_and_trace(t, z) method; "
                 "use PlanarCNF or trace='exact'/'hutchinson'."
             )
+        if not callable(func):
+            raise InputError(f"CNF(func=...): expected a callable func(t, z), got "
+                             f"{type(func).__name__}.")
+        rtol, atol = check_positive(rtol, "CNF(rtol)"), check_positive(atol, "CNF(atol)")
+        if method is not None and not isinstance(method, str):
+            raise InputError(f"CNF(method={method!r}): expected a method name such as "
+                             "'dopri5', or None.")
+        if len(tuple(t)) != 2:
+            raise InputError(f"CNF(t={tuple(t)}): need two distinct finite times (t0, t1).")
         t0, t1 = (float(v) for v in t)
         if not (math.isfinite(t0) and math.isfinite(t1)) or t0 == t1:
             raise InputError(f"CNF(t={tuple(t)}): need two distinct finite times (t0, t1).")
@@ -321,6 +270,8 @@ class CNF(nn.Module):
         self.last_noise = noise
         dyn = _AugmentedDynamics(self.func, self.trace, noise, regs, self._counter, log_density)
         batch = z.shape[0]
+        if batch == 0:  # an empty batch: nothing to solve (a solver would spin on it)
+            return self._empty(z, ts, log_density, regs)
         state = [z]
         if log_density:
             state.append(z.new_zeros(batch))
@@ -331,6 +282,14 @@ class CNF(nn.Module):
         dlogp, k = (ys[1][-1], 2) if log_density else (None, 1)
         reg_values = {r.name: ys[k + i][-1] for i, r in enumerate(regs)}
         return CNFResult(ys[0][-1], ys[0], dlogp, reg_values, self.last_nfe)
+
+    def _empty(self, z: torch.Tensor, ts: torch.Tensor, log_density: bool,
+               regs: tuple[Regularizer, ...]) -> CNFResult:
+        self.last_nfe = 0
+        traj = z.unsqueeze(0).expand(ts.numel(), *z.shape) + 0.0  # [T, 0, D], keeps z's graph
+        none = z.sum(-1)  # [0]
+        return CNFResult(traj[-1], traj, none if log_density else None,
+                         {r.name: none for r in regs}, 0)
 
     def _odeint(self, dyn: _AugmentedDynamics, state: tuple, ts: torch.Tensor) -> tuple:
         from pydiffbridge import odeint, odeint_adjoint  # late import: core may import nn
@@ -384,11 +343,13 @@ class CNF(nn.Module):
         if z is None:
             if dim is None:
                 dim = getattr(self.func, "dim", None)
-            if dim is None or int(n) < 1:
+            if dim is None:
                 raise InputError(
-                    f"CNF.sample(n={n}, dim={dim}): need n >= 1 and the dimension D "
-                    "(pass dim=..., or base draws z=...)."
+                    f"CNF.sample(n={n}): the dimension D is unknown; pass dim=..., or base "
+                    "draws z=..."
                 )
+            n = check_size(n, "CNF.sample(n)", low=0)  # n = 0: an empty [0, D] result
+            dim = check_size(dim, "CNF.sample(dim)")
             if dtype is None or device is None:
                 p = next(iter(self.parameters()), None)
                 dtype = dtype or (p.dtype if p is not None else torch.get_default_dtype())

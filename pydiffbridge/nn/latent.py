@@ -10,7 +10,12 @@
 
 Batches are :class:`~pydiffbridge.nn.timeseries.IrregularBatch` (union of times + mask); a
 sample's likelihood only sums over its own masked-in entries and masked-out values are never
-read, so a batch gives each sequence exactly what it would get alone (up to solver tolerance).
+read (not even NaN ones), so a batch gives each sequence what it would get alone: exactly (to
+rounding) for the encoders, whose recurrences visit only a sample's own points, with the
+GRU encoder or a fixed-step ODE-RNN; up to the solver tolerance where an adaptive solve is
+shared by the batch (the latent trajectory, an adaptive ODE-RNN).  A sequence with no
+conditioning point at all gets the prior as its posterior, ``q(z0) = N(0, I)`` (no data, no
+update; its KL term is 0); the encoders leave its hidden state at the initial zeros.
 
 **Per-sample gaps in one solve.**  Between two observations the ODE-RNN must evolve every
 sample ``i`` over its own interval ``[t_prev_i, t_i]`` of length ``dt_i`` (gaps differ per sample
@@ -32,7 +37,15 @@ from torch import Tensor, nn
 
 import pydiffbridge
 from pydiffbridge.errors import InputError
-from pydiffbridge.nn.timeseries import IrregularBatch, pack, random_split, split_at
+from pydiffbridge.nn._checks import (
+    check_obs,
+    check_positive,
+    check_query_mask,
+    check_size,
+    check_t_end,
+)
+from pydiffbridge.nn.baseline import Prediction, RNNBaseline, _gather, _mlp
+from pydiffbridge.nn.timeseries import IrregularBatch, masked_values, pack, random_split, split_at
 
 __all__ = ["SolverConfig", "ODEFunc", "ODERNN", "LatentODE", "RNNBaseline", "Prediction",
            "ElboTerms", "kl_normal_std", "gaussian_loglik", "masked_mse", "extrapolate",
@@ -54,21 +67,22 @@ class SolverConfig:
     backend: str = "torch"
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def solve(self, func: nn.Module, y0: Tensor, t: Tensor) -> Tensor:
-        """``odeint``/``odeint_adjoint`` of ``func`` from ``y0``; returns ``[len(t), ...]``."""
+    def __post_init__(self) -> None:
+        self._check()
+
+    def _check(self) -> None:
         if self.gradient not in ("direct", "adjoint"):
             raise InputError(f"SolverConfig.gradient={self.gradient!r}: use 'direct' or 'adjoint'.")
+        for name in ("rtol", "atol"):
+            if isinstance(getattr(self, name), (int, float)):  # tensors: checked by the solver
+                check_positive(getattr(self, name), f"SolverConfig.{name}")
+
+    def solve(self, func: nn.Module, y0: Tensor, t: Tensor) -> Tensor:
+        """``odeint``/``odeint_adjoint`` of ``func`` from ``y0``; returns ``[len(t), ...]``."""
+        self._check()  # (the fields may have been changed since construction)
         solver = pydiffbridge.odeint_adjoint if self.gradient == "adjoint" else pydiffbridge.odeint
         return solver(func, y0, t, rtol=self.rtol, atol=self.atol, method=self.method,
                       options=self.options, backend=self.backend, **self.extra)
-
-
-def _mlp(n_in: int, hidden: int, n_out: int, layers: int = 2) -> nn.Sequential:
-    mods: list[nn.Module] = []
-    for i in range(layers):
-        mods += [nn.Linear(n_in if i == 0 else hidden, hidden), nn.Tanh()]
-    mods.append(nn.Linear(hidden if layers else n_in, n_out))
-    return nn.Sequential(*mods)
 
 
 class ODEFunc(nn.Module):
@@ -76,6 +90,7 @@ class ODEFunc(nn.Module):
 
     def __init__(self, dim: int, hidden: int = 64, layers: int = 2) -> None:
         super().__init__()
+        dim, hidden = check_size(dim, "ODEFunc(dim)"), check_size(hidden, "ODEFunc(hidden)")
         self.net = _mlp(dim, hidden, dim, layers)
         self.nfe = 0
 
@@ -105,11 +120,6 @@ def _points(batch: IrregularBatch, reverse: bool) -> tuple[Tensor, Tensor]:
     return pm.shape[1] - 1 - idx, valid
 
 
-def _gather(batch: IrregularBatch, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    b = torch.arange(idx.shape[0], device=idx.device)[:, None]
-    return batch.times[idx], batch.values[b, idx], batch.mask[b, idx]
-
-
 class ODERNN(nn.Module):
     """ODE-RNN: ``h`` evolves by ``dh/dt = f(h)`` between a sample's observations and is updated
     by ``GRUCell([x * m, m], h)`` at each of them (``m`` = the channel mask)."""
@@ -117,7 +127,11 @@ class ODERNN(nn.Module):
     def __init__(self, input_dim: int, hidden_dim: int = 32, ode_hidden: int = 64,
                  solver: SolverConfig | None = None) -> None:
         super().__init__()
-        self.hidden_dim = hidden_dim
+        self.input_dim = check_size(input_dim, "ODERNN(input_dim)")
+        self.hidden_dim = hidden_dim = check_size(hidden_dim, "ODERNN(hidden_dim)")
+        if solver is not None and not isinstance(solver, SolverConfig):
+            raise InputError(f"ODERNN(solver=...): expected a SolverConfig, got "
+                             f"{type(solver).__name__}.")
         self.gru = nn.GRUCell(2 * input_dim, hidden_dim)
         self.func = ODEFunc(hidden_dim, ode_hidden)
         self.solver = solver or SolverConfig()
@@ -133,20 +147,26 @@ class ODERNN(nn.Module):
     def forward(self, batch: IrregularBatch, t_end: float | Tensor | None = None,
                 reverse: bool = False) -> Tensor:
         """Final hidden state ``[B, H]``: after the last observation processed (the first one in
-        time if ``reverse``), evolved on to ``t_end`` if given (e.g. the latent origin ``t0``)."""
+        time if ``reverse``), evolved on to ``t_end`` if given (e.g. the latent origin ``t0``).
+        A sample without observations keeps the initial state, zeros (it has no time to
+        evolve from)."""
+        check_obs(batch, "ODERNN.forward", self.input_dim, "batch")
         idx, valid = _points(batch, reverse)
         ts, xs, ms = _gather(batch, idx)
         B = idx.shape[0]
         h = batch.values.new_zeros(B, self.hidden_dim)
+        if B == 0:
+            return h
         prev_t = ts[:, 0] if idx.shape[1] else batch.times.new_zeros(B)
         for j in range(idx.shape[1]):
             v = valid[:, j]
             h = self.evolve(h, torch.where(v, ts[:, j] - prev_t, torch.zeros_like(prev_t)))
-            h_new = self.gru(torch.cat([xs[:, j] * ms[:, j], ms[:, j]], -1), h)
+            h_new = self.gru(torch.cat([masked_values(xs[:, j], ms[:, j]), ms[:, j]], -1), h)
             h = torch.where(v[:, None], h_new, h)
             prev_t = torch.where(v, ts[:, j], prev_t)
-        if t_end is not None:
-            h = self.evolve(h, torch.as_tensor(t_end, dtype=prev_t.dtype) - prev_t)
+        if t_end is not None:  # only samples with a last observation have a gap to t_end
+            gap = check_t_end(t_end, prev_t, "ODERNN.forward") - prev_t
+            h = self.evolve(h, torch.where(valid.any(1), gap, torch.zeros_like(gap)))
         return h
 
 
@@ -155,36 +175,32 @@ class _GRUDeltaEncoder(nn.Module):
 
     def __init__(self, input_dim: int, hidden_dim: int) -> None:
         super().__init__()
-        self.hidden_dim = hidden_dim
+        self.input_dim, self.hidden_dim = input_dim, hidden_dim
         self.cell = nn.GRUCell(2 * input_dim + 1, hidden_dim)
         self.func = ODEFunc(1, 1)  # unused; keeps the ``encoder.func.nfe`` interface (always 0)
 
     def forward(self, batch: IrregularBatch, t_end: float | Tensor | None = None,
                 reverse: bool = True) -> Tensor:
+        check_obs(batch, "LatentODE encoder", self.input_dim, "batch")
         idx, valid = _points(batch, reverse)
         ts, xs, ms = _gather(batch, idx)
         B, D = idx.shape[0], batch.values.shape[-1]
         h = batch.values.new_zeros(B, self.hidden_dim)
+        if B == 0:
+            return h
         prev_t = ts[:, 0] if idx.shape[1] else batch.times.new_zeros(B)
         for j in range(idx.shape[1]):
             v = valid[:, j]
             gap = (ts[:, j] - prev_t).abs().unsqueeze(-1)
-            h_new = self.cell(torch.cat([xs[:, j] * ms[:, j], ms[:, j], gap], -1), h)
+            h_new = self.cell(torch.cat([masked_values(xs[:, j], ms[:, j]), ms[:, j], gap], -1),
+                              h)
             h = torch.where(v[:, None], h_new, h)
             prev_t = torch.where(v, ts[:, j], prev_t)
-        if t_end is not None:  # a gap-only update to the latent origin
-            gap = (torch.as_tensor(t_end, dtype=prev_t.dtype) - prev_t).abs().unsqueeze(-1)
-            h = self.cell(torch.cat([h.new_zeros(B, 2 * D), gap], -1), h)
+        if t_end is not None:  # a gap-only update to the latent origin (samples with points)
+            gap = (check_t_end(t_end, prev_t, "LatentODE encoder") - prev_t).abs().unsqueeze(-1)
+            h_new = self.cell(torch.cat([h.new_zeros(B, 2 * D), gap], -1), h)
+            h = torch.where(valid.any(1)[:, None], h_new, h)
         return h
-
-
-@dataclass
-class Prediction:
-    """``mean``/``std`` ``[B, N, D]`` at the requested times; ``samples [S, B, N, D]`` or None."""
-
-    mean: Tensor
-    std: Tensor
-    samples: Tensor | None = None
 
 
 @dataclass
@@ -207,13 +223,13 @@ def gaussian_loglik(x: Tensor, mean: Tensor, std: float, mask: Tensor) -> Tensor
     """``sum over masked-in entries of log N(x | mean, std^2)`` over the last dim."""
     var = std * std
     lp = -0.5 * (x - mean).pow(2) / var - 0.5 * math.log(2 * math.pi * var)
-    return (lp * mask).sum(-1)
+    return masked_values(lp, mask).sum(-1)
 
 
 def masked_mse(pred: Tensor, target: IrregularBatch) -> float:
     """Mean squared error over the target's masked-in entries."""
     m = target.mask
-    return float(((pred - target.values).pow(2) * m).sum() / m.sum().clamp_min(1.0))
+    return float(masked_values((pred - target.values).pow(2), m).sum() / m.sum().clamp_min(1.0))
 
 
 class LatentODE(nn.Module):
@@ -229,13 +245,23 @@ class LatentODE(nn.Module):
                  obs_std: float = 0.1, solver: SolverConfig | None = None,
                  encoder_solver: SolverConfig | None = None) -> None:
         super().__init__()
+        input_dim = check_size(input_dim, "LatentODE(input_dim)")
+        latent_dim = check_size(latent_dim, "LatentODE(latent_dim)")
+        for name, v in (("rec_hidden", rec_hidden), ("ode_hidden", ode_hidden),
+                        ("dec_hidden", dec_hidden)):
+            check_size(v, f"LatentODE({name})")
+        obs_std = check_positive(obs_std, "LatentODE(obs_std)")
+        for name, v in (("solver", solver), ("encoder_solver", encoder_solver)):
+            if v is not None and not isinstance(v, SolverConfig):
+                raise InputError(f"LatentODE({name}=...): expected a SolverConfig, got "
+                                 f"{type(v).__name__}.")
         if encoder == "odernn":
             self.encoder: nn.Module = ODERNN(input_dim, rec_hidden, ode_hidden, encoder_solver)
         elif encoder == "rnn":
             self.encoder = _GRUDeltaEncoder(input_dim, rec_hidden)
         else:
             raise InputError(f"LatentODE: encoder={encoder!r}; use 'odernn' or 'rnn'.")
-        self.latent_dim, self.obs_std = latent_dim, obs_std
+        self.input_dim, self.latent_dim, self.obs_std = input_dim, latent_dim, obs_std
         self.to_z0 = nn.Linear(rec_hidden, 2 * latent_dim)
         self.func = ODEFunc(latent_dim, ode_hidden)
         self.decoder = _mlp(latent_dim, dec_hidden, input_dim, layers=1)
@@ -250,11 +276,13 @@ class LatentODE(nn.Module):
         self.encoder.func.nfe = 0
 
     def encode(self, obs: IrregularBatch, t0: float = 0.0) -> tuple[Tensor, Tensor]:
-        """Posterior parameters ``(mu, logvar)``, each ``[B, latent_dim]``, of ``z0 = z(t0)``."""
-        if obs.times.numel() == 0:
-            raise InputError("LatentODE.encode: the conditioning batch has no observations.")
+        """Posterior parameters ``(mu, logvar)``, each ``[B, latent_dim]``, of ``z0 = z(t0)``;
+        the prior ``(0, 0)`` for a sequence without any observation in ``obs``."""
+        check_obs(obs, "LatentODE.encode", self.input_dim)
         mu, logvar = self.to_z0(self.encoder(obs, t_end=t0, reverse=True)).chunk(2, -1)
-        return mu, logvar.clamp(-12.0, 6.0)
+        seen = obs.point_mask.any(1, keepdim=True)
+        zero = torch.zeros((), dtype=mu.dtype, device=mu.device)
+        return torch.where(seen, mu, zero), torch.where(seen, logvar.clamp(-12.0, 6.0), zero)
 
     def trajectory(self, z0: Tensor, times: Tensor, t0: float = 0.0) -> Tensor:
         """Latent path ``[..., N, latent]`` at ``times`` (1-D, increasing, ``>= t0``) from
@@ -265,7 +293,12 @@ class LatentODE(nn.Module):
         if float(times[0]) < t0:
             raise InputError(f"LatentODE.trajectory: times start at {float(times[0])} < t0={t0}; "
                              "pass t0 <= the earliest requested time.")
+        if z0.shape[-1:] != (self.latent_dim,):
+            raise InputError(f"LatentODE.trajectory: z0 must be [..., latent_dim={self.latent_dim}]"
+                             f", got shape {tuple(z0.shape)}.")
         lead = z0.shape[:-1]
+        if z0.numel() == 0:  # an empty batch: nothing to solve
+            return z0.new_zeros(*lead, times.numel(), self.latent_dim)
         prepend = float(times[0]) > t0
         grid = torch.cat([times.new_tensor([t0]), times]) if prepend else times
         zs = self.solver.solve(self.func, z0.reshape(-1, self.latent_dim), grid)
@@ -281,6 +314,7 @@ class LatentODE(nn.Module):
              kl_weight: float = 1.0, eps: Tensor | None = None, t0: float = 0.0) -> ElboTerms:
         """ELBO of ``target`` given the encoder's view ``obs`` (``eps [S, B, latent]`` fixes the
         reparameterisation noise, e.g. zeros for the posterior mean)."""
+        check_obs(target, "LatentODE.elbo", self.input_dim, "target")
         if obs.values.shape[0] != target.values.shape[0]:
             raise InputError("LatentODE.elbo: obs and target must hold the same samples "
                              f"(batch {obs.values.shape[0]} vs {target.values.shape[0]}).")
@@ -302,73 +336,20 @@ class LatentODE(nn.Module):
     def predict(self, obs: IrregularBatch, times: Tensor, mask: Tensor | None = None,
                 n_samples: int = 8, t0: float = 0.0) -> Prediction:
         """Decoded trajectories at ``times`` from ``n_samples`` posterior draws of ``z0``; mean
-        and spread over draws (``n_samples=0``: the posterior mean ``z0 = mu`` only)."""
+        and spread over draws (``n_samples=0``: the posterior mean ``z0 = mu`` only).
+        ``mask`` (which of ``times`` each sample wants, ``[B, N]`` or ``[B, N, D]``) is only
+        checked: the latent ODE predicts every time."""
+        check_query_mask(mask, obs.values.shape[0], times, self.input_dim, "LatentODE.predict")
+        check_size(n_samples, "LatentODE.predict(n_samples)", low=0)
         mu, logvar = self.encode(obs, t0)
         eps = None
         if n_samples == 0:
             eps = torch.zeros(1, *mu.shape, dtype=mu.dtype, device=mu.device)
         samples = self.decoder(self.trajectory(self._z0(mu, logvar, max(n_samples, 1), eps),
                                                times, t0))
-        return Prediction(samples.mean(0), samples.std(0, unbiased=False), samples)
-
-
-class RNNBaseline(nn.Module):
-    """Autoregressive GRU with time gaps: at each of a sample's points ``t_j`` (observed or
-    queried) ``h_j = GRU([v_{j-1}, m_{j-1}, t_j - t_{j-1}], h_{j-1})`` and ``x_hat_j = dec(h_j)``,
-    where ``v`` is the previous observation, or the model's own prediction where there was
-    none (``m`` its mask).  A point's prediction never sees its own value."""
-
-    def __init__(self, input_dim: int, hidden_dim: int = 64, dec_hidden: int = 64) -> None:
-        super().__init__()
-        self.hidden_dim = hidden_dim
-        self.cell = nn.GRUCell(2 * input_dim + 1, hidden_dim)
-        self.decoder = _mlp(hidden_dim, dec_hidden, input_dim, layers=1)
-
-    def forward(self, obs: IrregularBatch, times: Tensor, mask: Tensor | None = None,
-                t0: float = 0.0) -> Tensor:
-        """Predictions ``[B, len(times), D]`` (only requested points are meaningful)."""
-        grid = torch.unique(torch.cat([obs.times, times.to(obs.times.dtype)]))
-        io, iq = torch.searchsorted(grid, obs.times), torch.searchsorted(grid, times)
-        B, D = obs.values.shape[0], obs.values.shape[-1]
-        vals = obs.values.new_zeros(B, grid.numel(), D)
-        msk = obs.values.new_zeros(B, grid.numel(), D)
-        vals[:, io], msk[:, io] = obs.values, obs.mask
-        want = torch.zeros(B, grid.numel(), dtype=torch.bool, device=grid.device)
-        q = (torch.ones(B, times.numel(), dtype=torch.bool, device=grid.device)
-             if mask is None else mask.bool())
-        want[:, iq] = q if q.dim() == 2 else q.any(-1)
-        full = IrregularBatch(grid, vals, msk)
-        idx, valid = pack(want | full.point_mask)
-        ts, xs, ms = _gather(full, idx)
-        h = vals.new_zeros(B, self.hidden_dim)
-        v, m = vals.new_zeros(B, D), vals.new_zeros(B, D)
-        prev_t = torch.full((B,), float(t0), dtype=grid.dtype)
-        outs = []
-        for j in range(idx.shape[1]):
-            ok = valid[:, j]
-            h_new = self.cell(torch.cat([v, m, (ts[:, j] - prev_t).unsqueeze(-1)], -1), h)
-            y = self.decoder(h_new)
-            outs.append(y)
-            h = torch.where(ok[:, None], h_new, h)
-            v = torch.where(ok[:, None], ms[:, j] * xs[:, j] + (1 - ms[:, j]) * y, v)
-            m = torch.where(ok[:, None], ms[:, j], m)
-            prev_t = torch.where(ok, ts[:, j], prev_t)
-        out = vals.new_zeros(B, grid.numel(), D)
-        if outs:  # padded idx are distinct unused points, so the scatter never collides
-            out = out.scatter(1, idx.unsqueeze(-1).expand(-1, -1, D), torch.stack(outs, 1))
-        return out[:, iq]
-
-    def loss(self, obs: IrregularBatch, target: IrregularBatch, **kw: Any) -> Tensor:
-        """Mean squared error over the target's entries (Gaussian NLL up to constants)."""
-        pred = self.forward(obs, target.times, target.point_mask, t0=kw.get("t0", 0.0))
-        return ((pred - target.values).pow(2) * target.mask).sum() / target.mask.sum().clamp_min(1)
-
-    @torch.no_grad()
-    def predict(self, obs: IrregularBatch, times: Tensor, mask: Tensor | None = None,
-                n_samples: int = 0, t0: float = 0.0) -> Prediction:
-        """Deterministic predictions (``std`` is zero; ``n_samples`` is ignored)."""
-        mean = self.forward(obs, times, mask, t0)
-        return Prediction(mean, torch.zeros_like(mean))
+        mean = samples.mean(0)
+        std = samples.std(0, unbiased=False) if samples.numel() else torch.zeros_like(mean)
+        return Prediction(mean, std, samples)
 
 
 def extrapolate(model: LatentODE | RNNBaseline, batch: IrregularBatch, t_split: float,

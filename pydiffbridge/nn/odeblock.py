@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ._checks import check_positive, check_size
 
 __all__ = ["ODEBlock", "NFECounter", "ConcatConv2d", "ConcatLinear", "ConvODEFunc", "group_norm"]
 
@@ -98,8 +99,12 @@ class ODEBlock(nn.Module):
         t = tuple(float(v) for v in t)
         if len(t) != 2 or t[0] == t[1]:
             raise InputError(f"ODEBlock: t={t} must be two distinct times (t0, t1), e.g. (0, 1).")
-        if rtol <= 0 or atol <= 0:
-            raise InputError(f"ODEBlock: rtol={rtol}, atol={atol} must be positive.")
+        for name, tol in (("rtol", rtol), ("atol", atol)):
+            if not isinstance(tol, torch.Tensor):  # per-component tensors: the solver checks
+                check_positive(tol, f"ODEBlock({name})")
+        if not isinstance(method, str):
+            raise InputError(f"ODEBlock(method={method!r}): expected a method name such as "
+                             "'dopri5' or 'rk4'.")
         self.counter = NFECounter(func)
         self.t = t
         self.method = method
@@ -140,6 +145,9 @@ class ODEBlock(nn.Module):
         kwargs: dict[str, Any] = dict(rtol=self.rtol, atol=self.atol, method=self.method,
                                       options=self.options, backend=self.backend)
         self.counter.reset()
+        if isinstance(x, torch.Tensor) and x.numel() == 0:  # an empty batch: nothing to solve
+            self.counter.phase = "backward"
+            return x.unsqueeze(0).expand(ts.numel(), *x.shape) + 0
         try:
             if self.gradient == "adjoint" and torch.is_grad_enabled():
                 return odeint_adjoint(self.counter, x, ts, **kwargs, **self.adjoint_kwargs)
@@ -154,6 +162,10 @@ class ODEBlock(nn.Module):
 
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with ``min(32, channels)`` groups, the normalisation of the paper's code."""
+    channels = check_size(channels, "group_norm(channels)")
+    if channels > 32 and channels % 32:
+        raise InputError(f"group_norm(channels={channels}): with 32 groups the channels must be "
+                         "a multiple of 32 (or at most 32), e.g. 64.")
     return nn.GroupNorm(min(32, channels), channels)
 
 
@@ -166,6 +178,8 @@ class ConcatConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
                  stride: int = 1, padding: int = 1, bias: bool = True) -> None:
         super().__init__()
+        in_channels = check_size(in_channels, "ConcatConv2d(in_channels)")
+        out_channels = check_size(out_channels, "ConcatConv2d(out_channels)")
         self.conv = nn.Conv2d(in_channels + 1, out_channels, kernel_size, stride, padding,
                               bias=bias)
 
@@ -180,6 +194,8 @@ class ConcatLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
+        in_features = check_size(in_features, "ConcatLinear(in_features)")
+        out_features = check_size(out_features, "ConcatLinear(out_features)")
         self.linear = nn.Linear(in_features + 1, out_features, bias=bias)
 
     def forward(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

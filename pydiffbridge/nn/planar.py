@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ._checks import check_nonneg, check_size
 
 __all__ = ["PlanarFlow", "PlanarCNF", "planar_flow_params", "planar_cnf_params"]
 
@@ -57,9 +58,10 @@ class PlanarFlow(nn.Module):
 
     def __init__(self, dim: int, num_layers: int, init_scale: float = 0.1) -> None:
         super().__init__()
-        if int(dim) < 1 or int(num_layers) < 1:
-            raise InputError(f"PlanarFlow(dim={dim}, num_layers={num_layers}): need both >= 1.")
-        self.dim = int(dim)
+        dim = check_size(dim, "PlanarFlow(dim)")
+        num_layers = check_size(num_layers, "PlanarFlow(num_layers)")
+        init_scale = check_nonneg(init_scale, "PlanarFlow(init_scale)")
+        self.dim = dim
         self.u = nn.Parameter(torch.randn(num_layers, dim) * init_scale)
         self.w = nn.Parameter(torch.randn(num_layers, dim) * init_scale)
         self.b = nn.Parameter(torch.zeros(num_layers))
@@ -116,7 +118,8 @@ class PlanarFlow(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` samples: base draws pushed through :meth:`inverse`."""
-        z = torch.randn(int(n), self.dim, dtype=self.u.dtype, device=self.u.device,
+        n = check_size(n, "PlanarFlow.sample(n)", low=0)  # n = 0: an empty [0, D] result
+        z = torch.randn(n, self.dim, dtype=self.u.dtype, device=self.u.device,
                         generator=generator)
         return self.inverse(z)
 
@@ -135,9 +138,9 @@ class PlanarCNF(nn.Module):
         self, dim: int, width: int, time_gated: bool = True, init_scale: float = 0.5
     ) -> None:
         super().__init__()
-        if int(dim) < 1 or int(width) < 1:
-            raise InputError(f"PlanarCNF(dim={dim}, width={width}): need both >= 1.")
-        self.dim = int(dim)
+        dim, width = check_size(dim, "PlanarCNF(dim)"), check_size(width, "PlanarCNF(width)")
+        init_scale = check_nonneg(init_scale, "PlanarCNF(init_scale)")
+        self.dim = dim
         self.u = nn.Parameter(torch.randn(width, dim) * init_scale)
         self.w = nn.Parameter(torch.randn(width, dim) * init_scale)
         self.b = nn.Parameter(torch.zeros(width))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError
+from ._checks import check_nonneg
 
 __all__ = [
     "RateContext",
@@ -70,6 +71,12 @@ class Regularizer:
 
     weight: float = 1.0
     name: str = "regularizer"
+
+    def __post_init__(self) -> None:
+        check_nonneg(self.weight, f"{type(self).__name__}(weight)")
+        if not isinstance(self.name, str) or not self.name:
+            raise InputError(f"{type(self).__name__}(name={self.name!r}): need a non-empty "
+                             "string (the name of its integrated channel).")
 
     def rate(self, ctx: RateContext) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -32,6 +32,8 @@ from pydiffbridge.errors import BackendUnavailableError, InputError
 __all__ = [
     "TimeSeries",
     "IrregularBatch",
+    "check_batch_shapes",
+    "masked_values",
     "collate",
     "pack",
     "split_at",
@@ -62,18 +64,26 @@ class IrregularBatch:
     values: Tensor
     mask: Tensor
 
+    def __post_init__(self) -> None:
+        check_batch_shapes(self, "IrregularBatch")
+
     @property
     def point_mask(self) -> Tensor:
         """``[B, N]`` bool: sample ``b`` has at least one observed channel at ``times[k]``."""
         return self.mask.sum(-1) > 0
 
     def with_mask(self, mask: Tensor) -> IrregularBatch:
-        """Same grid, a new mask (broadcast to ``[B, N, D]``); values outside it are zeroed."""
+        """Same grid, a new mask (``[B, N]`` or ``[B, N, D]``, combined with the old one);
+        values outside it are zeroed."""
+        B, N, D = self.values.shape
+        if tuple(mask.shape) not in ((B, N), (B, N, D)):
+            raise InputError(f"IrregularBatch.with_mask: mask must be [B, N] = {(B, N)} or "
+                             f"[B, N, D] = {(B, N, D)}, got {tuple(mask.shape)}.")
         mask = mask.to(self.values.dtype)
         if mask.dim() == 2:
             mask = mask.unsqueeze(-1)
         mask = (mask * self.mask).expand_as(self.values)
-        return IrregularBatch(self.times, self.values * mask, mask)
+        return IrregularBatch(self.times, masked_values(self.values, mask), mask)
 
     def select(self, index: int | slice | Tensor) -> IrregularBatch:
         """Sub-batch of samples, trimmed to the times that are still observed."""
@@ -87,6 +97,35 @@ class IrregularBatch:
         """Move/cast all tensors (``torch.Tensor.to`` arguments)."""
         tensors = (self.times, self.values, self.mask)
         return IrregularBatch(*(v.to(*args, **kwargs) for v in tensors))
+
+
+def masked_values(x: Tensor, mask: Tensor) -> Tensor:
+    """``x * mask`` with exact zeros where ``mask == 0``, even where ``x`` is NaN or Inf (a
+    plain product would give NaN there): masked-out values can never leak into a result."""
+    return torch.where(mask != 0, x * mask, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def check_batch_shapes(batch: IrregularBatch, where: str) -> None:
+    """Raise :class:`InputError` unless ``times [N]``, ``values [B, N, D]`` and ``mask`` of
+    the same shape as ``values`` fit together (shapes only: no values are read)."""
+    parts = (("times", batch.times), ("values", batch.values), ("mask", batch.mask))
+    for name, v in parts:
+        if not isinstance(v, Tensor):
+            raise InputError(f"{where}: {name} must be a tensor, got {type(v).__name__}.")
+    t, x, m = batch.times, batch.values, batch.mask
+    if t.dim() != 1:
+        raise InputError(f"{where}: times must be 1-D [N] (the union of observation times), "
+                         f"got shape {tuple(t.shape)}.")
+    if x.dim() != 3:
+        raise InputError(f"{where}: values must be [B, N, D] (batch, times, channels), got "
+                         f"shape {tuple(x.shape)}; build batches with collate(...).")
+    if x.shape[1] != t.shape[0]:
+        raise InputError(f"{where}: values have {x.shape[1]} time points (shape "
+                         f"{tuple(x.shape)}) but times has length {t.shape[0]}; expected "
+                         f"values [B, {t.shape[0]}, D].")
+    if tuple(m.shape) != tuple(x.shape):
+        raise InputError(f"{where}: mask must have the shape of values, expected "
+                         f"{tuple(x.shape)}, got {tuple(m.shape)}.")
 
 
 def _check_series(s: TimeSeries, i: int) -> None:
@@ -117,7 +156,7 @@ def collate(series: list[TimeSeries], dtype: torch.dtype | None = None) -> Irreg
     for b, s in enumerate(series):
         idx = torch.searchsorted(times, s.t.to(dtype))
         m = torch.ones_like(s.x, dtype=dtype) if s.mask is None else s.mask.to(dtype)
-        values[b, idx] = s.x.to(dtype) * m
+        values[b, idx] = masked_values(s.x.to(dtype), m)
         mask[b, idx] = m
     return IrregularBatch(times, values, mask)
 

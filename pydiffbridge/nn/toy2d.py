@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from ._checks import check_size
 
 __all__ = ["TOY_DATASETS", "sample_toy"]
 
@@ -69,7 +70,6 @@ def sample_toy(
     ``[n, 2]`` tensor; the same ``seed`` gives the same points."""
     if name not in _GENERATORS:
         raise InputError(f"sample_toy(name={name!r}): unknown dataset; use one of {TOY_DATASETS}.")
-    if int(n) < 1:
-        raise InputError(f"sample_toy(n={n}): need at least one point.")
+    n = check_size(n, "sample_toy(n)")
     rng = np.random.default_rng(seed)
-    return torch.as_tensor(_GENERATORS[name](rng, int(n)), dtype=dtype)
+    return torch.as_tensor(_GENERATORS[name](rng, n), dtype=dtype)
