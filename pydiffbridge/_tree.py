@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._validate import check_tolerance
 from .errors import InputError, RHSError
 
 __all__ = ["Tree"]
@@ -61,7 +62,9 @@ class Tree:
         return tuple(p.reshape((*lead, *s)) for p, s in zip(parts, self.shapes, strict=True))
 
     def flat_values(self, v, name: str) -> torch.Tensor | float:
-        """Per-component ``rtol``/``atol``: a number, or tensors broadcastable to the state."""
+        """Per-component ``rtol``/``atol``: a number, or tensors broadcastable to the state;
+        checked (finite, ``>= 0``, no grad) by :func:`pydiffbridge._validate.check_tolerance`."""
+        check_tolerance(v, name)
         if isinstance(v, (int, float)):
             return float(v)
         if isinstance(v, torch.Tensor) and v.numel() == 1:
@@ -84,8 +87,6 @@ class Tree:
             except RuntimeError as exc:
                 raise InputError(f"{name}[{i}] of shape {tuple(x.shape)} does not broadcast to the "
                                  f"state's shape {tuple(shape)}") from exc
-            if bool((parts[-1] < 0).any()):
-                raise InputError(f"{name} must be non-negative")
         return torch.cat(parts)
 
     def wrap_func(self, func: Callable, where: str = "func") -> Callable:

@@ -126,18 +126,27 @@ def _adjoint_options(p: Any, method: str, opts: dict) -> dict:
 
 def _event_time(p: Any, T: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable event time by the implicit function theorem (see
-    :mod:`~pydiffbridge.adjoint`)."""
+    :mod:`~pydiffbridge.adjoint`): value ``T``, derivative ``-(dg/dθ) / (dg/dt)``.  ``event_fn``
+    is called as :func:`~pydiffbridge.solvers.events.call_event` calls it (autograd works
+    through its ``t`` and ``y``); one whose value depends on neither nor on any parameter
+    (``zeros_like(t)``) gives a constant event time, as torchdiffeq's zero vjp does."""
+    from .solvers.events import call_event
+
     T = T.detach().to(p.t.dtype)
     y_T = ys[-1]
     with torch.no_grad():
         f_T = p.func(T, y_T.detach())
-        g_T = p.event_fn(T, y_T.detach()).reshape(-1)
+        g_T = call_event(p.event_fn, T, y_T)
     c = int(torch.argmin(g_T.abs()))
+    g_val = call_event(p.event_fn, T, y_T)[c]
+    if not g_val.requires_grad:
+        return T, ys
     with torch.enable_grad():
         tt = T.clone().requires_grad_(True)
         yy = y_T.detach().requires_grad_(True)
-        gc = p.event_fn(tt, yy).reshape(-1)[c]
-        g_t, g_y = torch.autograd.grad(gc, (tt, yy), allow_unused=True)
+        gc = call_event(p.event_fn, tt, yy)[c]
+        g_t, g_y = (torch.autograd.grad(gc, (tt, yy), allow_unused=True) if gc.requires_grad
+                    else (None, None))
     slope = torch.sum(g_y * f_T) if g_y is not None else y_T.new_zeros(())
     if g_t is not None:
         slope = slope + g_t.to(slope.dtype)
@@ -145,7 +154,6 @@ def _event_time(p: Any, T: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor
         raise E.SolverError(f"event at t={float(T):.6g}: the event function's time derivative "
                             "dg/dt = ∂g/∂t + ∂g/∂y·f is zero there (a tangential crossing), so the "
                             "event time is not differentiable")
-    g_val = p.event_fn(T, y_T).reshape(-1)[c]
-    t_ev = T - g_val.to(T.dtype) / slope.to(T.dtype)
+    t_ev = T - (g_val - g_val.detach()).to(T.dtype) / slope.to(T.dtype)
     y_ev = y_T + f_T * (t_ev - T).to(y_T.dtype)
     return t_ev, torch.cat([ys[:-1], y_ev[None]])

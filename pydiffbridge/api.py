@@ -8,21 +8,25 @@ failure; ``solve`` returns a :class:`~pydiffbridge.solution.Solution` with stats
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from . import _validate as V
 from . import errors as E
 from ._tree import Tree
 from .backends.base import SolveSpec, get_backend
-from .backends.torch import _rms
+from .backends.torch import FIXED_METHODS, _rms
 from .solution import Solution, Stats, Status
 
 __all__ = ["odeint", "odeint_adjoint", "odeint_event", "solve"]
 
 GRADIENTS = ("direct", "adjoint", "checkpointed", "interpolated", "auto")
+FUNC_SIGNATURE = "func(t, y) -> dy/dt (dy/dt with the structure of y0: a tensor or a tuple)"
+EVENT_SIGNATURE = "event_fn(t, y) -> tensor (crossing zero at the event)"
 _STATUS_ERRORS = {
     Status.MAX_STEPS: E.MaxStepsExceededError,
     Status.STEP_UNDERFLOW: E.StepSizeUnderflowError,
@@ -67,7 +71,7 @@ def _build_norm(tree: Tree, user_norm) -> Callable[[torch.Tensor], torch.Tensor]
                                    "('seminorm' is an adjoint_options setting)")
     if not tree.is_tuple:
         return _rms
-    sizes = tree.sizes
+    sizes = [n for n in tree.sizes if n]  # an empty part has no error to measure
 
     def max_rms(x):
         return torch.stack([torch.linalg.vector_norm(p) / (p.numel() ** 0.5)
@@ -82,30 +86,37 @@ class Prepared:
 
     def __init__(self, func, y0, t, rtol, atol, method, options, event_fn, backend):
         self.tree = Tree.of(y0)
+        if self.tree.device.type == "meta":
+            V.check_not_meta(y0, "y0")
         if not (self.tree.dtype.is_floating_point or self.tree.dtype.is_complex):
             raise E.DTypeError(f"y0 must be floating point or complex, got {self.tree.dtype}; "
                                "use y0.double() or y0.float()")
+        V.check_not_meta(t, "t")
+        V.check_callable(func, "func", FUNC_SIGNATURE)
+        V.check_callable(event_fn, "event_fn", EVENT_SIGNATURE, allow_none=True)
         self.y0 = self.tree.flatten(y0)
         if not bool(torch.isfinite(self.y0).all()):
             raise E.NonFiniteError("y0 contains NaN or Inf")
         self.t = _check_t(t, self.y0, needs_two=event_fn is None)
+        V.check_method_arg(method)
         if method == "scipy_solver" and backend == "torch":
             backend = "scipy"  # torchdiffeq's spelling; the SciPy backend reads options["solver"]
         self.backend = get_backend(backend)
         self.method = self.backend.resolve_method(method)
-        opts = dict(options or {})
+        opts = V.check_options_arg(options)
         check = getattr(self.backend, "check_options", None)
         if check is not None:
             check(self.method, opts)
+        V.check_option_values(opts, method=self.method)  # types, ranges (names: just above)
+        if self.backend.name == "torch" and self.method in FIXED_METHODS:
+            V.check_fixed_grid(self.t, opts)  # max_num_steps, before any grid is built
         norm = _build_norm(self.tree, opts.pop("norm", None))
         for key in ("step_t", "jump_t"):
             if key in opts:
-                vals = opts[key]
-                if isinstance(vals, torch.Tensor):
-                    vals = vals.detach().reshape(-1).tolist()
-                opts[key] = sorted(float(v) for v in vals)
+                opts[key] = V.time_list(opts[key])
         rtol_v = self.tree.flat_values(rtol, "rtol")
         atol_v = self.tree.flat_values(atol, "atol")
+        V.check_tolerance_pair(rtol_v, atol_v)
         self.spec = SolveSpec(self.method, rtol_v, atol_v, opts, norm)
         self.func = self.tree.wrap_func(func)
         self.event_fn = None
@@ -117,16 +128,22 @@ class Prepared:
         s = self.spec
         opts = dict(options or {})
         norm = opts.pop("norm", None)
+        r = self.tree.flat_values(rtol, "adjoint_rtol") if rtol is not None else s.rtol
+        a = self.tree.flat_values(atol, "adjoint_atol") if atol is not None else s.atol
+        if rtol is not None or atol is not None:
+            V.check_tolerance_pair(r, a, "adjoint_rtol", "adjoint_atol")
         return SolveSpec(
             self.backend.resolve_method(method) if method is not None else s.method,
-            self.tree.flat_values(rtol, "adjoint_rtol") if rtol is not None else s.rtol,
-            self.tree.flat_values(atol, "adjoint_atol") if atol is not None else s.atol,
+            r,
+            a,
             {**{k: v for k, v in s.options.items() if k not in ("jump_t", "step_t")}, **opts},
             norm,  # None, "seminorm" or a callable: interpreted by the bridge
         )
 
     def finish(self, sol: Solution, t_out: torch.Tensor | None = None) -> Solution:
-        sol.ys = self.tree.unflatten(sol.ys, lead=(sol.ys.shape[0],))
+        if self.tree.is_tuple or sol.ys.shape[1:] != self.tree.shapes[0]:
+            # (already in shape: the adjoint bridge's output, whose grad_fn stays the bridge's)
+            sol.ys = self.tree.unflatten(sol.ys, lead=(sol.ys.shape[0],))
         return sol
 
 
@@ -176,6 +193,13 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
     """
     if gradient not in GRADIENTS:
         raise E.InputError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+    for name, v in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
+        if v is not None:  # checked here even where no adjoint ends up running
+            V.check_tolerance(v, name)
+    if adjoint_options is not None:
+        V.check_option_values(V.check_options_arg(adjoint_options, "adjoint_options"),
+                              "adjoint_options")
+    V.check_method_arg(adjoint_method)
     if batch_dims is not None:
         from .solvers.batched_api import batched_solve
 
@@ -186,6 +210,8 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
                              adjoint_method=adjoint_method, adjoint_options=adjoint_options,
                              adjoint_params=adjoint_params)
     p = Prepared(func, y0, t, rtol, atol, method, options, event_fn, backend)
+    if p.y0.numel() == 0:
+        return p.finish(_empty_solve(p, func, adjoint_params))
     if p.t.numel() == 1 and p.event_fn is None:
         # one output time: the initial state itself, nothing to integrate (as torchdiffeq)
         sol = Solution(ys=p.y0[None], ts=p.t, stats=Stats(), status=Status.SUCCESS,
@@ -199,30 +225,50 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
                 f"func is not an nn.Module: on backend {p.backend.name!r} gradients reach y0 and t"
                 " but no tensors captured by func; pass an nn.Module or use odeint_adjoint(..., "
                 "adjoint_params=...)", E.GradientWarning, stacklevel=3)
-    if gradient == "direct" and not p.backend.supports_direct_grad:
-        if torch.is_grad_enabled() and _needs_grad(p, func, adjoint_params):
-            raise E.InputError(f"backend {p.backend.name!r} cannot backpropagate directly; use "
-                               "gradient='adjoint' (or odeint, which does so automatically)")
-        with torch.no_grad():
+    with V.memory_guard(list(p.tree.shapes), p.tree.dtype, p.t.numel(), p.tree.device):
+        if gradient == "direct" and not p.backend.supports_direct_grad:
+            if torch.is_grad_enabled() and _needs_grad(p, func, adjoint_params):
+                raise E.InputError(f"backend {p.backend.name!r} cannot backpropagate directly; "
+                                   "use gradient='adjoint' (or odeint, which does so "
+                                   "automatically)")
+            with torch.no_grad():
+                sol = p.backend.solve(p.func, p.y0, p.t, p.spec, p.event_fn)
+        elif gradient == "direct" or not torch.is_grad_enabled() or not _needs_grad(
+                p, func, adjoint_params):
             sol = p.backend.solve(p.func, p.y0, p.t, p.spec, p.event_fn)
-    elif gradient == "direct" or not torch.is_grad_enabled() or not _needs_grad(
-            p, func, adjoint_params):
-        sol = p.backend.solve(p.func, p.y0, p.t, p.spec, p.event_fn)
-    elif gradient == "interpolated":
-        from .adjoint_interp import interp_solve
+        elif gradient == "interpolated":
+            from .adjoint_interp import interp_solve
 
-        sol = interp_solve(p, _adjoint_params(func, adjoint_params),
-                           p.adjoint_spec(adjoint_rtol, adjoint_atol, adjoint_method,
-                                          adjoint_options))
-    else:
-        from .adjoint import bridge_solve
+            sol = interp_solve(p, _adjoint_params(func, adjoint_params),
+                               p.adjoint_spec(adjoint_rtol, adjoint_atol, adjoint_method,
+                                              adjoint_options))
+        else:
+            from .adjoint import bridge_solve
 
-        params = _adjoint_params(func, adjoint_params)
-        sol = bridge_solve(p, params, p.adjoint_spec(adjoint_rtol, adjoint_atol, adjoint_method,
-                                                     adjoint_options), gradient)
+            params = _adjoint_params(func, adjoint_params)
+            sol = bridge_solve(p, params, p.adjoint_spec(adjoint_rtol, adjoint_atol,
+                                                         adjoint_method, adjoint_options),
+                               gradient, shaped=True)
     if raise_on_failure:
         _raise_for(sol)
     return p.finish(sol)
+
+
+def _empty_solve(p: Prepared, func, adjoint_params) -> Solution:
+    """A state without elements: nothing to integrate (no step, no evaluation of func)."""
+    if p.event_fn is not None:
+        raise E.InputError(f"y0 has no elements (shape(s) {[tuple(s) for s in p.tree.shapes]}):"
+                           " there is no trajectory for event_fn to watch; give y0 at least "
+                           "one element")
+    also: tuple = (p.t,)
+    if torch.is_grad_enabled():
+        try:
+            also += _adjoint_params(func, adjoint_params)
+        except TypeError:
+            pass
+    sol = V.empty_solution(p.y0, p.t, also)
+    sol.backend, sol.method = p.backend.name, p.method
+    return sol
 
 
 def _captures_grad_tensors(func) -> bool:
@@ -296,9 +342,48 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9,
     return (sol.event_t, sol.ys) if event_fn is not None else sol.ys
 
 
-def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, odeint_interface: Callable = odeint,
-                 **kwargs):
+def odeint_event(func: Callable, y0, t0, *, event_fn: Callable, reverse_time: bool = False,
+                 odeint_interface: Callable = odeint, **kwargs):
     """torchdiffeq's ``odeint_event``: integrate from ``t0`` until ``event_fn(t, y)`` crosses
-    zero; returns ``(event_t, ys)`` with ``ys`` the states at ``[t0, event_t]``."""
-    t0 = torch.as_tensor(t0).reshape(1)
-    return odeint_interface(func, y0, t0, event_fn=event_fn, **kwargs)
+    zero; returns ``(event_t, ys)`` with ``ys`` the states at ``[t0, event_t]``.
+
+    Args:
+        t0: the start time: a number, or a tensor of one element (0-d or ``(1,)``); one that
+            requires grad makes ``event_t`` and ``ys`` differentiable in it.
+        event_fn: ``event_fn(t, y) -> tensor``; the first component to cross zero ends the
+            solve.  As in torchdiffeq, autograd works through its ``t`` and ``y``.
+        reverse_time: search towards decreasing ``t`` (from ``t0`` to ``t0 - inf``, or
+            ``t0 - |options['t_max']|``) instead of increasing ``t``.
+        odeint_interface: :func:`odeint` (direct backprop) or :func:`odeint_adjoint` (or a
+            function with their signature); every other keyword argument (``rtol``,
+            ``method``, ``options``, ``adjoint_*``, ...) is passed to it unchanged.  Fixed-grid
+            methods need ``options['step_size']`` (as in torchdiffeq).
+
+    ``event_t`` and ``ys`` are differentiable w.r.t. ``y0``, ``t0`` and the parameters of
+    ``func`` and ``event_fn`` (implicit function theorem at the event), through either
+    interface.
+    """
+    if isinstance(t0, torch.Tensor):
+        if t0.numel() != 1:
+            raise E.TimeGridError(f"odeint_event: t0 must be one time (a number, a 0-d tensor or a"
+                                  f" tensor of one element), got shape {tuple(t0.shape)}")
+        t = t0.reshape(1)
+        if not t.dtype.is_floating_point:
+            t = t.to(torch.float64)
+    else:
+        first = y0[0] if isinstance(y0, (tuple, list)) and len(y0) else y0
+        dt = getattr(first, "dtype", torch.float64)
+        dt = dt.to_real() if dt.is_complex else dt if dt.is_floating_point else torch.float64
+        try:
+            t = torch.as_tensor(t0, dtype=dt).reshape(-1)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise E.TimeGridError(f"odeint_event: t0 must be a number or a tensor of one "
+                                  f"element, got {type(t0).__name__}") from exc
+        if t.numel() != 1:
+            raise E.TimeGridError(f"odeint_event: t0 must be one time, got {t.numel()} values")
+        t = t.to(first.device) if isinstance(first, torch.Tensor) else t
+    if reverse_time:
+        options = dict(kwargs.get("options") or {})
+        options["t_max"] = -abs(float(options.get("t_max", math.inf)))
+        kwargs["options"] = options
+    return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)

@@ -20,10 +20,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import _validate as V
 from .backends._marshal import to_numpy, to_torch
 from .backends.julia import retcode_status
 from .backends.methods import resolve
-from .errors import InputError
+from .errors import InputError, TimeGridError
 from .solution import Solution, Stats
 
 __all__ = ["solve_ensemble"]
@@ -35,12 +36,15 @@ def _check(y0s, t, params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | N
                          f", got {getattr(y0s, 'shape', type(y0s).__name__)}")
     if not y0s.dtype.is_floating_point:
         raise InputError(f"solve_ensemble: y0s must be float32 or float64, got {y0s.dtype}")
+    V.check_not_meta(y0s, "solve_ensemble: y0s")
+    V.check_not_meta(t, "solve_ensemble: t")
+    V.check_not_meta(params, "solve_ensemble: params")
     t = torch.as_tensor(t, dtype=y0s.dtype)
     if t.ndim != 1 or t.numel() < 2:
-        raise InputError("solve_ensemble: t must be a 1-D tensor of at least 2 output times")
+        raise TimeGridError("solve_ensemble: t must be a 1-D tensor of at least 2 output times")
     d = t[1:] - t[:-1]
     if not (bool((d > 0).all()) or bool((d < 0).all())):
-        raise InputError("solve_ensemble: t must be strictly monotonic")
+        raise TimeGridError("solve_ensemble: t must be strictly monotonic")
     if params is not None:
         params = torch.as_tensor(params, dtype=y0s.dtype)
         if params.ndim == 1:
@@ -85,6 +89,14 @@ def solve_ensemble(rhs: str, y0s: torch.Tensor, t, *, params: torch.Tensor | Non
         raise InputError(f"solve_ensemble: rhs must be Julia source text defining "
                          f"{func_name}(u, p, t)")
     y0s, t, params = _check(y0s, t, params)
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if isinstance(v, torch.Tensor) or V.real_number(v) is None:  # Julia: one number each
+            raise InputError(f"solve_ensemble: {name} must be a number, got {V.show(v)}")
+        V.check_tolerance(v, name)
+    V.check_tolerance_pair(float(rtol), float(atol))
+    if not V.is_positive_int(max_num_steps):
+        raise InputError(f"solve_ensemble: max_num_steps must be a positive integer, got "
+                         f"{V.show(max_num_steps)}; e.g. max_num_steps=100000")
     dev = str(device)
     if dev.split(":")[0] not in ("cpu", "cuda"):
         raise InputError(f"solve_ensemble: device must be 'cpu' or 'cuda', got {device!r}")

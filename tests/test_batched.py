@@ -123,7 +123,20 @@ def test_cpu_bookkeeping_matches_device_path(method):
     kw = dict(rtol=1e-6, atol=1e-8, method=method, batch_dims=1)
     a = pdb.solve(VdP(mu), y0, t, options={"sync_every": 1}, **kw)
     b = pdb.solve(VdP(mu), y0, t, options={"sync_every": 2}, **kw)
-    torch.testing.assert_close(a.ys, b.ys, rtol=1e-14, atol=1e-14)
+    # Not bit-identical: the step-size factor ratio**(-1/k) is NumPy's pow (libm) on one path
+    # and torch's vectorised pow (SLEEF, picked per CPU: AVX2, AVX-512, ...) on the other.
+    # Both are faithfully rounded, so they differ by at most 1 ulp, on a few percent of the
+    # inputs.  Once one step size differs by an ulp, every later rounding differs: a step
+    # y + h * sum(b_i k_i) over s stages rounds by at most about (s + 1) eps max|y|, and over
+    # N attempted steps these add up to at most N (s + 1) eps max|y| (the step sizes differ by
+    # a relative N eps, which moves the solution only by N eps times the local error, far
+    # less).  That is the bound used here: about 6e-13 for tsit5 on this problem (observed
+    # differences: up to 5e-14).
+    from pydiffbridge.solvers.tableaus import TABLEAUS
+
+    n_steps = int(a.stats.steps.max())
+    bound = n_steps * (TABLEAUS[method].stages + 1) * torch.finfo(DT).eps
+    torch.testing.assert_close(a.ys, b.ys, rtol=bound, atol=bound * float(a.ys.abs().max()))
     for k in ("nfe", "steps", "accepted", "rejected"):
         assert torch.equal(getattr(a.stats, k), getattr(b.stats, k)), k
     assert torch.equal(a.status, b.status) and int(a.stats.rejected.sum()) > 0

@@ -70,9 +70,10 @@ def test_no_event_before_end_is_reported():
     assert sol.status == Status.FAILED and "never crossed" in sol.message
 
 
-def test_event_with_fixed_grid_method_is_refused():
+def test_event_with_fixed_grid_method_needs_step_size():
+    # as torchdiffeq (fixed-grid events with step_size: tests/test_fixed_events.py)
     from pydiffbridge.errors import InputError
 
-    with pytest.raises(InputError, match="adaptive method"):
+    with pytest.raises(InputError, match="step_size"):
         odeint(lambda t, y: -y, torch.ones(1, dtype=D), torch.tensor([0.0], dtype=D),
                method="rk4", event_fn=lambda t, y: y[0] - 0.5)

@@ -38,8 +38,17 @@ TABLE: dict[str, dict[str, str]] = {
     "explicit_adams": {"torch": "explicit_adams"},
     "implicit_adams": {"torch": "implicit_adams"},
     "fixed_adams": {"torch": "fixed_adams"},
+    # torch-only fixed-grid implicit Runge-Kutta methods (solvers/implicit.py)
+    "implicit_euler": {"torch": "implicit_euler"},
+    "implicit_midpoint": {"torch": "implicit_midpoint"},
+    "trapezoid": {"torch": "trapezoid"},
+    "radauiia3": {"torch": "radauIIA3"},
+    "gl4": {"torch": "gl4"},
+    "gl6": {"torch": "gl6"},
+    "sdirk2": {"torch": "sdirk2"},
     # stiff and engine-native methods
-    "radau": {"scipy": "Radau", "julia": "RadauIIA5"},
+    # the 3-stage Radau IIA scheme: adaptive on SciPy and Julia, on a fixed grid on torch
+    "radau": {"torch": "radauIIA5", "scipy": "Radau", "julia": "RadauIIA5"},
     "bdf": {"scipy": "BDF", "julia": "FBDF"},
     "lsoda": {"scipy": "LSODA"},
     "qndf": {"julia": "QNDF"},
@@ -48,7 +57,7 @@ TABLE: dict[str, dict[str, str]] = {
     "rodas5p": {"julia": "Rodas5P"},
     "rosenbrock23": {"julia": "Rosenbrock23"},
     "kencarp4": {"julia": "KenCarp4"},
-    "trbdf2": {"julia": "TRBDF2"},
+    "trbdf2": {"torch": "trbdf2", "julia": "TRBDF2"},  # torch: on a fixed grid
     "vern6": {"julia": "Vern6"},
     "vern7": {"julia": "Vern7"},
     "vern8": {"julia": "Vern8"},

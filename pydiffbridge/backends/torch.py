@@ -1,4 +1,4 @@
-"""The native torch backend: batched explicit RK and Adams solvers from
+"""The native torch backend: batched explicit RK, Adams and fixed-grid implicit RK solvers from
 :mod:`pydiffbridge.solvers`, on any device, differentiable by direct backprop."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from ..errors import InputError, UnknownMethodError, UnknownOptionError
 from ..solution import Solution, Stats, Status
 from ..solvers.fixed import ADAMS, solve_fixed
 from ..solvers.hooks import hooks_of
+from ..solvers.implicit import IMPLICIT_METHODS, IMPLICIT_OPTIONS, check_implicit_options
 from ..solvers.rk import solve_adaptive
 from ..solvers.tableaus import TABLEAUS
 from .base import SolveSpec
@@ -18,7 +19,8 @@ from .base import SolveSpec
 __all__ = ["TorchBackend", "ADAPTIVE_METHODS", "FIXED_METHODS", "METHODS"]
 
 ADAPTIVE_METHODS = ("dopri5", "tsit5", "bosh3", "fehlberg2", "adaptive_heun", "dopri8")
-FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4") + ADAMS
+EXPLICIT_FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4") + ADAMS
+FIXED_METHODS = EXPLICIT_FIXED_METHODS + IMPLICIT_METHODS
 METHODS = ADAPTIVE_METHODS + FIXED_METHODS
 
 _COMMON = {"dtype", "norm", "max_num_steps", "t_max"}
@@ -28,6 +30,8 @@ ADAPTIVE_OPTIONS = _COMMON | {"first_step", "step_t", "jump_t", "min_step", "max
 LOOPS = ("auto", "host", "device")
 FIXED_OPTIONS = _COMMON | {"step_size", "grid_constructor", "perturb", "interp", "max_iters",
                            "max_order"}
+IMPLICIT_FIXED_OPTIONS = (_COMMON | {"step_size", "grid_constructor", "perturb", "interp",
+                                     "max_iters"} | set(IMPLICIT_OPTIONS))
 # other names users bring from torchdiffeq or other engines
 _ALIASES = {"rk4_classic": "rk4", "explicit_euler": "euler", "Tsit5": "tsit5", "DP5": "dopri5",
             "BS3": "bosh3", "RK45": "dopri5", "RK23": "bosh3", "DP8": "dopri8",
@@ -52,18 +56,26 @@ class TorchBackend:
         if m not in METHODS:
             raise UnknownMethodError(
                 f"unknown method {method!r} for backend 'torch'. Adaptive: "
-                f"{', '.join(ADAPTIVE_METHODS)}; fixed-step: {', '.join(FIXED_METHODS)}. "
-                "Stiff or engine-specific methods (Radau, BDF, LSODA, Rodas5, ...) need "
-                "backend='scipy' or backend='julia'.")
+                f"{', '.join(ADAPTIVE_METHODS)}; fixed-step: "
+                f"{', '.join(EXPLICIT_FIXED_METHODS)}; fixed-step implicit: "
+                f"{', '.join(IMPLICIT_METHODS)}. Adaptive stiff or engine-specific methods "
+                "(Radau, BDF, LSODA, Rodas5, ...) need backend='scipy' or backend='julia'.")
         return m
 
     def check_options(self, method: str, options: dict) -> None:
-        allowed = ADAPTIVE_OPTIONS if method in ADAPTIVE_METHODS else FIXED_OPTIONS
+        allowed = (ADAPTIVE_OPTIONS if method in ADAPTIVE_METHODS else IMPLICIT_FIXED_OPTIONS
+                   if method in IMPLICIT_METHODS else FIXED_OPTIONS)
         bad = sorted(set(options) - allowed)
         if bad:
             raise UnknownOptionError(
                 f"option(s) {bad} not understood by method {method!r}; it accepts: "
                 f"{', '.join(sorted(allowed))}")
+        if (method in FIXED_METHODS and options.get("step_size") is not None
+                and options.get("grid_constructor") is not None):
+            raise InputError("options step_size and grid_constructor are mutually exclusive "
+                             f"(method {method!r}); give one of them")
+        if method in IMPLICIT_METHODS:
+            check_implicit_options(method, options)
 
     def solve(self, func: Callable, y0: torch.Tensor, t: torch.Tensor, spec: SolveSpec,
               event_fn: Callable | None = None) -> Solution:
@@ -79,12 +91,8 @@ class TorchBackend:
                 sol = solve_adaptive(func, y0, t, TABLEAUS[method], spec.rtol, spec.atol, norm,
                                      opts, event_fn)
         else:
-            if event_fn is not None:
-                names = ", ".join(ADAPTIVE_METHODS)
-                raise InputError(f"event_fn needs an adaptive method ({names}); {method!r} "
-                                 "steps on a fixed grid")
             sol = solve_fixed(func, y0, t, method, TABLEAUS.get(method), opts, norm, spec.rtol,
-                              spec.atol)
+                              spec.atol, event_fn)
         sol.backend, sol.method = "torch", method
         return sol
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from ..solution import Solution, Status
+from .. import _validate as V
+from ..solution import Solution, Stats, Status
 from .batched import BATCHED_OPTIONS, solve_batched
 
 __all__ = ["batched_solve"]
@@ -52,8 +53,13 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
         raise E.InputError(f"batch_dims supports gradient='direct', 'auto', 'adjoint' or "
                            f"'checkpointed', got {gradient!r}; drop batch_dims for it")
     tree = Tree.of(y0)
+    V.check_not_meta(y0, "y0")
+    V.check_not_meta(t, "t")
     if not tree.dtype.is_floating_point:
         raise E.InputError(f"y0 must be floating point, got {tree.dtype}")
+    from ..api import FUNC_SIGNATURE
+
+    V.check_callable(func, "func", FUNC_SIGNATURE)
     bshape = tree.shapes[0][:batch_dims]
     if len(tree.shapes[0]) < batch_dims or any(s[:batch_dims] != bshape for s in tree.shapes):
         raise E.InputError(f"every tensor of y0 needs the same {batch_dims} leading batch "
@@ -62,20 +68,23 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
     rests = [s[batch_dims:] for s in tree.shapes]
     sizes = [math.prod(r) for r in rests]
     n_state = sum(sizes)
-    parts = sizes if tree.is_tuple else None
+    parts = [n for n in sizes if n] if tree.is_tuple else None  # an empty part has no error
     ys0 = y0 if tree.is_tuple else (y0,)
-    flat0 = torch.cat([v.reshape(B, -1) for v in ys0], 1)
+    flat0 = torch.cat([v.reshape(B, n) for v, n in zip(ys0, sizes, strict=True)], 1)
     if not bool(torch.isfinite(flat0).all()):
         raise E.NonFiniteError("y0 contains NaN or Inf")
     meth = TorchBackend().resolve_method(method)
     if meth not in ADAPTIVE_METHODS:
         raise E.InputError(f"batch_dims gives per-sample adaptive steps; method {meth!r} is "
                            f"fixed-step (one grid for all samples): drop batch_dims for it")
-    opts = dict(options or {})
+    opts = V.check_options_arg(options)
     bad = sorted(set(opts) - BATCHED_OPTIONS)
     if bad:
         raise E.UnknownOptionError(f"option(s) {bad} not supported with batch_dims; accepted: "
                                    f"{', '.join(sorted(BATCHED_OPTIONS))}")
+    V.check_option_values(opts)
+    V.check_tolerance(rtol, "rtol")
+    V.check_tolerance(atol, "atol")
     t = torch.as_tensor(t, device=flat0.device)
     t = t if t.dtype.is_floating_point else t.to(torch.float64)
     if t.ndim == 1:
@@ -92,8 +101,11 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
     if not bool(mono.all()):
         b = int(torch.nonzero(~mono)[0])
         raise E.TimeGridError(f"t of sample {b} is not strictly monotonic")
+    if B == 0 or n_state == 0:  # nothing to integrate: no step, no evaluation of func
+        return _empty(flat0, t, tb, bshape, rests, sizes, tree.is_tuple, func, adjoint_params,
+                      meth)
 
-    def tol(v, name):
+    def tol(v, name):  # (values checked above, or by check_tolerance for adjoint_*)
         if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1):
             return float(v)
         try:
@@ -137,18 +149,24 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
             gradient = "direct"  # nothing to differentiate: the plain forward solve
     else:
         gradient = "direct"
-    if gradient == "direct":
-        sol = solve_batched(f, flat0, tb, TABLEAUS[meth],
-                            tol(rtol, "rtol"), tol(atol, "atol"), opts, parts, tdtype)
-    else:
-        adj = dict(options=adjoint_options, method=adjoint_method,
-                   rtol=None if adjoint_rtol is None else tol(adjoint_rtol, "adjoint_rtol"),
-                   atol=None if adjoint_atol is None else tol(adjoint_atol, "adjoint_atol"))
-        from .batched_adjoint import bridge_batched
+    rtol_v, atol_v = tol(rtol, "rtol"), tol(atol, "atol")
+    V.check_tolerance_pair(rtol_v, atol_v)
+    with V.memory_guard(shapes, flat0.dtype, tb.shape[1], flat0.device, batch=B):
+        if gradient == "direct":
+            sol = solve_batched(f, flat0, tb, TABLEAUS[meth], rtol_v, atol_v, opts, parts,
+                                tdtype)
+        else:
+            adj = dict(options=adjoint_options, method=adjoint_method,
+                       rtol=None if adjoint_rtol is None else tol(adjoint_rtol, "adjoint_rtol"),
+                       atol=None if adjoint_atol is None else tol(adjoint_atol, "adjoint_atol"))
+            if adj["rtol"] is not None or adj["atol"] is not None:
+                V.check_tolerance_pair(rtol_v if adj["rtol"] is None else adj["rtol"],
+                                       atol_v if adj["atol"] is None else adj["atol"],
+                                       "adjoint_rtol", "adjoint_atol")
+            from .batched_adjoint import bridge_batched
 
-        sol = bridge_batched(f, flat0, t, tb, TABLEAUS[meth], tol(rtol, "rtol"),
-                              tol(atol, "atol"), opts, parts or [n_state], tdtype, params,
-                              gradient, adj)
+            sol = bridge_batched(f, flat0, t, tb, TABLEAUS[meth], rtol_v, atol_v, opts,
+                                 parts or [n_state], tdtype, params, gradient, adj)
     sol.ts = tb.reshape(*bshape, -1) if t.ndim > 1 else t
     m = sol.ys.shape[0]
     ys = sol.ys.reshape(m, B, -1)
@@ -164,3 +182,28 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
                                                        f"{sol.message}")
     return sol
 
+
+def _empty(flat0: torch.Tensor, t: torch.Tensor, tb: torch.Tensor, bshape, rests, sizes,
+           is_tuple: bool, func, adjoint_params, method: str) -> Solution:
+    """The result for a batch without samples, or samples without elements: ``ys`` of shape
+    ``(m, *batch_shape, ...)`` connected to ``y0`` (zero gradients), zero per-sample stats,
+    every sample a success."""
+    B, m = tb.shape
+    also: tuple = (t,)
+    if torch.is_grad_enabled():
+        from ..api import _adjoint_params
+
+        try:
+            also += _adjoint_params(func, adjoint_params)
+        except TypeError:
+            pass
+    flat = V.empty_solution(flat0.reshape(-1), t, also, n_times=m).ys.reshape(m, B, sum(sizes))
+    pieces = torch.split(flat, sizes, 2)
+    out = tuple(p.reshape(m, *bshape, *r) for p, r in zip(pieces, rests, strict=True))
+    zeros = torch.zeros(bshape, dtype=torch.long, device=flat0.device)
+    stats = Stats(nfe=zeros, steps=zeros.clone(), accepted=zeros.clone(),
+                  rejected=zeros.clone())
+    return Solution(ys=out if is_tuple else out[0], ts=tb.reshape(*bshape, m) if t.ndim > 1
+                    else t, stats=stats, status=torch.full(bshape, int(Status.SUCCESS),
+                                                           device=flat0.device),
+                    backend="torch", method=method)

@@ -110,11 +110,27 @@ def adapt_callbacks(found: dict[str, Callable], unflatten: Callable, tdtype, dev
                  reject=adapt(found.get("callback_reject_step")), perturb=perturb)
 
 
+def beside(t: float, toward: float, *dtypes: torch.dtype) -> float:
+    """The float next to ``t`` towards ``toward`` at the resolution of the coarsest of
+    ``dtypes`` (the time dtype and the state's, in which ``func`` receives ``t``): a float64
+    ``nextafter`` would round back onto ``t`` in a float32 ``func``."""
+    eps = [torch.finfo(d).eps for d in dtypes if d.is_floating_point or d.is_complex]
+    coarse = max(eps, default=0.0)
+    if coarse <= torch.finfo(torch.float64).eps:
+        return math.nextafter(t, toward)
+    d = next(d for d in dtypes if (d.is_floating_point or d.is_complex)
+             and torch.finfo(d).eps == coarse)
+    d = d.to_real() if d.is_complex else d
+    out = torch.nextafter(torch.tensor(t, dtype=d), torch.tensor(toward, dtype=d))
+    return float(out)
+
+
 def call_perturbed(f: Callable, t: float, t_toward: float, y: torch.Tensor, flag: Perturb,
                    make_t: Callable[[float], torch.Tensor]) -> torch.Tensor:
     """``f`` just beside ``t`` (one ulp towards ``t_toward``), with the flag where ``f`` takes
     it; ``make_t`` turns the moved float time into the tensor ``f`` expects."""
-    tt = make_t(math.nextafter(t, t_toward))
+    t_dtype = make_t(t).dtype
+    tt = make_t(beside(t, t_toward, t_dtype, y.dtype))
     if hooks_of(f).perturb:
         return f(tt, y, perturb=flag)
     return f(tt, y)

@@ -18,7 +18,7 @@ import torch
 from ..solution import Solution, Stats, Status
 from .controller import Controller, error_ratio, error_scale, initial_step
 from .events import EventTracker
-from .hooks import Perturb, hooks_of
+from .hooks import Perturb, beside, hooks_of
 from .interp import interp_weights
 from .stages import LeanStages, StageEngine, lean_func
 from .tableaus import Tableau
@@ -108,7 +108,8 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
     tc = t0
     f0 = fc(tc, y) if t_end != t0 else None
     status, message = Status.SUCCESS, ""
-    events = EventTracker(event_fn, tdtype, tdev, t0, y0) if event_fn is not None else None
+    events = (EventTracker(event_fn, tdtype, tdev, t0, y0, t_first=t_first)
+              if event_fn is not None else None)
     event_t = None
 
     if t_end != t0:
@@ -136,7 +137,7 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
         hs = (stop - tc) if hit_stop else direction * h
         t1 = stop if hit_stop else tc + hs
         at_jump = hit_stop and t1 in jump_set
-        t1_eval = math.nextafter(t1, tc) if at_jump else None
+        t1_eval = beside(t1, tc, tdtype, y0.dtype) if at_jump else None
         if callbacks and hooks.step is not None:
             hooks.step(tc, y, hs)
         if at_jump and hooks.perturb:
@@ -199,7 +200,7 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
                 eng.accepted(y1)
                 f0 = eng._rows[0].copy_(kend)
             if at_jump:
-                t_after = math.nextafter(t1, direction * math.inf)
+                t_after = beside(t1, direction * math.inf, tdtype, y0.dtype)
                 f0 = (fc_flag(t_after, y1, Perturb.NEXT) if hooks.perturb
                       else fc(t_after, y1))
             last_nonfinite = False
