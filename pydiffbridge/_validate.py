@@ -45,14 +45,7 @@ DEFAULT_MAX_NUM_STEPS = 100_000
 #: shrink to nearly nothing beyond it) and keeps the Lagrange weights well conditioned.
 ADAMS_MAX_ORDER = 12
 
-_OOM_BASES: tuple[type, ...] = (MemoryError,)
-if isinstance(getattr(torch, "OutOfMemoryError", None), type):
-    _OOM_BASES = (MemoryError, torch.OutOfMemoryError)
-
-
-class SolverMemoryError(E.SolverError, *_OOM_BASES):
-    """The solve ran out of memory (host or device).  Also a ``MemoryError`` and a
-    ``torch.OutOfMemoryError``, so existing ``except`` clauses keep working."""
+SolverMemoryError = E.SolverMemoryError  # (defined in errors.py)
 
 
 # -- numbers ------------------------------------------------------------------------------
@@ -459,7 +452,7 @@ _OOM_TEXT = ("out of memory", "not enough memory", "can't allocate memory",
 def _is_oom(exc: BaseException) -> bool:
     if isinstance(exc, E.PyDiffBridgeError):
         return False
-    if isinstance(exc, _OOM_BASES):
+    if isinstance(exc, E._OOM_BASES):
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and any(s in text for s in _OOM_TEXT)

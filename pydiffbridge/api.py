@@ -331,6 +331,12 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9,
     differentiate.  ``adjoint_options={"norm": "seminorm"}`` uses the seminorm of Kidger et al.
     (2021) for the backward pass.
     """
+    if isinstance(func, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+        warnings.warn("odeint_adjoint: func is a DataParallel/DistributedDataParallel wrapper, "
+                      "whose forward would run (and re-arm its gradient reducer) once per "
+                      "function evaluation; wrap the model that calls odeint_adjoint in DDP and "
+                      "pass func.module (see pydiffbridge.distributed)", E.GradientWarning,
+                      stacklevel=2)
     if adjoint_params is None and not isinstance(func, torch.nn.Module):
         raise E.InputError("odeint_adjoint: func must be an nn.Module so that its parameters can "
                            "be found, or pass adjoint_params=(tensors...)")

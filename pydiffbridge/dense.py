@@ -44,6 +44,12 @@ def odeint_dense(func: Callable, y0: torch.Tensor, t0, t1, *, rtol: Any = 1e-7,
     if p.method not in ADAPTIVE_METHODS:
         raise E.InputError(f"odeint_dense needs an adaptive method ({', '.join(ADAPTIVE_METHODS)})"
                            f", got {p.method!r}")
+    if p.y0.numel() == 0:  # an empty state: nothing to integrate
+        def empty(t_eval) -> torch.Tensor:
+            te = torch.as_tensor(t_eval, dtype=p.t.dtype)
+            return y0.new_zeros((*te.shape, *y0.shape))
+
+        return empty
     record: list = []
     sol = solve_adaptive(p.func, p.y0, p.t, TABLEAUS[p.method], p.spec.rtol, p.spec.atol,
                          p.spec.norm, {**p.spec.options, "record": record})

@@ -14,6 +14,8 @@ step count, batch sample), and what to try.
 
 from __future__ import annotations
 
+import torch
+
 __all__ = [
     "PyDiffBridgeError",
     "InputError",
@@ -27,6 +29,7 @@ __all__ = [
     "SolverError",
     "StepSizeUnderflowError",
     "MaxStepsExceededError",
+    "SolverMemoryError",
     "BackendUnavailableError",
     "JuliaUnavailableError",
     "GradientWarning",
@@ -80,6 +83,16 @@ class StepSizeUnderflowError(SolverError, AssertionError):
 
 class MaxStepsExceededError(SolverError, AssertionError):
     """More than ``max_num_steps`` steps were needed."""
+
+
+_OOM_BASES: tuple[type, ...] = (MemoryError,)
+if isinstance(getattr(torch, "OutOfMemoryError", None), type):
+    _OOM_BASES = (MemoryError, torch.OutOfMemoryError)
+
+
+class SolverMemoryError(SolverError, *_OOM_BASES):
+    """The solve ran out of memory (host or device).  Also a ``MemoryError`` and a
+    ``torch.OutOfMemoryError``, so existing ``except`` clauses keep working."""
 
 
 class BackendUnavailableError(PyDiffBridgeError, ImportError):

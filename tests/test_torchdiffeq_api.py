@@ -237,3 +237,23 @@ def test_odeint_dense_matches_closed_form_and_differentiates(tdq, method):
     assert abs(gk.item() + te[5].item() * math.exp(-0.7 * te[5].item())) < 1e-6
     with pytest.raises(ValueError, match="outside"):
         dense(torch.tensor(3.5, dtype=D))
+
+
+def test_odeint_dense_empty_state_returns_at_once():
+    dense = pydiffbridge.odeint_dense(lambda t, y: y, torch.ones(0, 2, dtype=D), 0.0, 1.0)
+    assert dense(torch.linspace(0, 1, 3, dtype=D)).shape == (3, 0, 2)
+
+
+def test_callback_dt_is_positive_in_reverse_time():
+    """torchdiffeq integrates reversed time as negated time: callbacks see dt > 0."""
+    dts = []
+
+    class F(torch.nn.Module):
+        def forward(self, t, y):
+            return -y
+
+        def callback_step(self, t0, y0, dt):
+            dts.append(float(dt))
+
+    pydiffbridge.odeint(F(), torch.ones(1, dtype=D), torch.tensor([1.0, 0.0], dtype=D))
+    assert dts and all(d > 0 for d in dts)

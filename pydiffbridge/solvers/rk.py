@@ -139,7 +139,7 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
         at_jump = hit_stop and t1 in jump_set
         t1_eval = beside(t1, tc, tdtype, y0.dtype) if at_jump else None
         if callbacks and hooks.step is not None:
-            hooks.step(tc, y, hs)
+            hooks.step(tc, y, abs(hs))
         if at_jump and hooks.perturb:
             def fc(tt, yy, _e=t1_eval):  # noqa: F811 - this step's end stages: just before t1
                 return fc_flag(tt, yy, Perturb.PREV) if tt == _e else fc_plain(tt, yy)
@@ -161,7 +161,7 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
         if accept:
             stats.accepted += 1
             if callbacks and hooks.accept is not None:
-                hooks.accept(tc, y, hs)
+                hooks.accept(tc, y, abs(hs))
             if not (eng.y1_finite if lean_ratio else bool(torch.isfinite(y1).all())):
                 # before the dense output: the rows from here on stay NaN
                 status, message = Status.NONFINITE, f"the solution became NaN/Inf at t={t1:.6g}"
@@ -207,7 +207,7 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
         else:
             stats.rejected += 1
             if callbacks and hooks.reject is not None:
-                hooks.reject(tc, y, hs)
+                hooks.reject(tc, y, abs(hs))
             last_nonfinite = not finite
         if at_jump and hooks.perturb:
             fc = fc_plain  # noqa: F811
