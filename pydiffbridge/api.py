@@ -302,6 +302,16 @@ def _needs_grad(p: Prepared, func, adjoint_params) -> bool:
         return False
 
 
+def _event_search(t, options, event_fn):
+    """torchdiffeq's ``odeint(..., t=[t0, t1], event_fn=...)`` searches for the event beyond
+    ``t1`` (only its direction counts): as ``t=[t0]`` with an unbounded ``t_max``."""
+    if (event_fn is None or not isinstance(t, torch.Tensor) or t.ndim != 1 or t.numel() != 2
+            or (options and "t_max" in options)):
+        return t, options
+    d = float(t[1].detach()) - float(t[0].detach())
+    return t[:1], {**(options or {}), "t_max": math.copysign(math.inf, d) if d else math.inf}
+
+
 def odeint(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: str | None = None,
            options: dict | None = None, event_fn: Callable | None = None, backend: Any = "torch",
            batch_dims: int | None = None):
@@ -313,6 +323,7 @@ def odeint(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method:
     matching :mod:`pydiffbridge.errors` exception if the solve fails (naming the failing
     sample with ``batch_dims``).
     """
+    t, options = _event_search(t, options, event_fn)
     sol = solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                 event_fn=event_fn, backend=backend, gradient="auto", raise_on_failure=True,
                 batch_dims=batch_dims)
@@ -340,6 +351,7 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9,
     if adjoint_params is None and not isinstance(func, torch.nn.Module):
         raise E.InputError("odeint_adjoint: func must be an nn.Module so that its parameters can "
                            "be found, or pass adjoint_params=(tensors...)")
+    t, options = _event_search(t, options, event_fn)
     sol = solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                 event_fn=event_fn, backend=backend, gradient="adjoint", adjoint_rtol=adjoint_rtol,
                 adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,

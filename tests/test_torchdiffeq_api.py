@@ -257,3 +257,15 @@ def test_callback_dt_is_positive_in_reverse_time():
 
     pydiffbridge.odeint(F(), torch.ones(1, dtype=D), torch.tensor([1.0, 0.0], dtype=D))
     assert dts and all(d > 0 for d in dts)
+
+
+@pytest.mark.parametrize("method,opts", [("dopri5", None), ("rk4", {"step_size": 0.01})])
+def test_event_search_goes_beyond_t1_as_in_torchdiffeq(tdq, method, opts):
+    """odeint(f, y0, [t0, t1], event_fn=...) uses t1 for the direction only: y' = 1 from 0
+    crosses y = 3 at t = 3, beyond t1 = 1 (and at t = -3 when t1 < t0)."""
+    y0 = torch.zeros(1, dtype=D)
+    for t1, t_ev in ((1.0, 3.0), (-1.0, -3.0)):
+        ev_t, ys = tdq.odeint(lambda t, y: torch.ones_like(y), y0,
+                              torch.tensor([0.0, t1], dtype=D), method=method, options=opts,
+                              event_fn=lambda t, y: y.abs().sum() - 3.0)
+        assert abs(float(ev_t) - t_ev) < 1e-6 and abs(float(ys[-1, 0]) - t_ev) < 1e-6
