@@ -85,26 +85,21 @@ def hermite(s, h, y, f0, y1, f1):
 def _adams_coeffs(nodes: list, a, b) -> list:
     """∫_a^b L_j(s) ds / (b - a) for the Lagrange basis over ``nodes`` (tensors in, tensors out
     when the times are tensors, so that the coefficients are differentiable in the grid)."""
-    if isinstance(a, torch.Tensor):
+    tensor = isinstance(a, torch.Tensor)
+    if tensor:
         gx = torch.as_tensor(_GL_X, dtype=a.dtype, device=a.device)
         gw = torch.as_tensor(_GL_W, dtype=a.dtype, device=a.device)
-        xs = 0.5 * (b - a) * gx + 0.5 * (a + b)
-        out = []
-        for j, nj in enumerate(nodes):
-            L = torch.ones_like(xs)
-            for k, nk in enumerate(nodes):
-                if k != j:
-                    L = L * (xs - nk) / (nj - nk)
-            out.append(0.5 * torch.sum(gw * L))
-        return out
-    xs = 0.5 * (b - a) * _GL_X + 0.5 * (a + b)
+    else:
+        gx, gw = _GL_X, _GL_W
+    xs = 0.5 * (b - a) * gx + 0.5 * (a + b)
     out = []
     for j, nj in enumerate(nodes):
-        L = np.ones_like(xs)
+        L = torch.ones_like(xs) if tensor else np.ones_like(xs)
         for k, nk in enumerate(nodes):
             if k != j:
                 L = L * (xs - nk) / (nj - nk)
-        out.append(float(0.5 * np.sum(_GL_W * L)))
+        w = 0.5 * (gw * L).sum()
+        out.append(w if tensor else float(w))
     return out
 
 
