@@ -28,7 +28,7 @@ import warnings
 import torch
 
 from ..errors import SolverError
-from .interp import interp_weights
+from .interp import dop853_extra_stages, dop853_weights, interp_weights
 
 __all__ = ["EventTracker", "call_event"]
 
@@ -111,7 +111,14 @@ class EventTracker:
         return y + hs * (W @ K)[0]
 
     def check(self, tc, t1, hs, y, y1, K, tab, f=None):
-        """An accepted Runge-Kutta step from ``tc`` to ``t1 = tc + hs`` with stages ``K``."""
+        """An accepted Runge-Kutta step from ``tc`` to ``t1 = tc + hs`` with stages ``K``.
+
+        For dopri8, given ``f(t, y)`` (float ``t``), the root is located on DOP853's own
+        seventh-order dense output; its three extra stages are evaluated only in a step where
+        the event function changes sign (the cubic Hermite fallback is only third order)."""
+        if f is not None and tab.error_kind == "dop853":
+            return self.check_step(tc, t1, hs, y1, _Dop853Dense(f, tc, y, K, hs))
+
         def dense(theta, detach=False):
             if detach:
                 return self._interp(tab, y.detach(), K.detach(), hs, theta)
@@ -205,3 +212,29 @@ class EventTracker:
                     gb /= 2
                 side = 1
         return 0.5 * (a + b)
+
+
+class _Dop853Dense:
+    """``dense(theta, detach=False)`` on DOP853's dense output; the extra stages are made on
+    first use, once without autograd (the root search) and once with it (the reported state)."""
+
+    def __init__(self, f, tc, y, K, hs):
+        self.f, self.tc, self.y, self.K, self.hs = f, tc, y, K, hs
+        self._K = {}
+
+    def __call__(self, theta: torch.Tensor, detach: bool = False) -> torch.Tensor:
+        key = detach or not torch.is_grad_enabled()
+        Kx = self._K.get(key)
+        y = self.y.detach() if key else self.y
+        if Kx is None:
+            K = self.K.detach() if key else self.K
+            if key:
+                with torch.no_grad():
+                    Kx = torch.cat([K, dop853_extra_stages(self.f, self.tc, y, K, self.hs)])
+            else:
+                Kx = torch.cat([K, dop853_extra_stages(self.f, self.tc, y, K, self.hs)])
+            self._K[key] = Kx
+        W = dop853_weights(theta.reshape(1).to(Kx.real.dtype))
+        if Kx.is_complex():
+            W = W.to(Kx.dtype)
+        return y + self.hs * (W @ Kx)[0]

@@ -41,7 +41,7 @@ from ..errors import InputError
 from ..solution import Solution, Stats, Status
 from .hooks import Perturb, call_perturbed, hooks_of
 from .implicit import IMPLICIT_METHODS, implicit_step
-from .tableaus import RK4, Tableau
+from .tableaus import RK4, Tableau, advance
 
 __all__ = ["solve_fixed", "make_grid", "ADAMS", "FixedStepper", "GridTime", "hermite"]
 
@@ -169,19 +169,12 @@ class FixedStepper:
         h = tb.x - ta.x
         ks = [f0]
         for i in range(1, tab.stages):
-            yi = y
-            for j, a in enumerate(tab.a[i]):
-                if a != 0.0:
-                    yi = yi + (h * a) * ks[j]
+            yi = advance(y, h, tab.a[i], ks)
             if tab.c[i] == 1.0:
                 ks.append(self.end(ta, tb, yi))
             else:
                 ks.append(self.fc(ta.x + tab.c[i] * h, yi))
-        y1 = y
-        for bi, k in zip(tab.b, ks, strict=True):
-            if bi != 0.0:
-                y1 = y1 + (h * bi) * k
-        return y1
+        return advance(y, h, tab.b, ks)
 
     def _adams(self, ta: GridTime, tb: GridTime, y, f0):
         self.hist = (self.hist + [(ta, f0)])[-self.order:]
@@ -303,3 +296,4 @@ def solve_fixed(f: Callable, y0: torch.Tensor, t: torch.Tensor, method: str, tab
     nan = torch.full_like(y0, float("nan"))
     ys = torch.stack([o if o is not None else nan for o in outputs])
     return Solution(ys=ys, ts=t, stats=stats, status=status, message=message)
+

@@ -7,7 +7,8 @@ error): ``func.callback_step(t0, y0, dt)`` is called before every step attempt,
 decision (adaptive methods; fixed-grid methods accept every step).  The ``*_adjoint``
 variants are called by the backward solve of the adjoint.  ``t0`` and ``dt`` are 0-d tensors
 in the time dtype (``dt`` is the step's length, positive also when time runs backwards, as in
-torchdiffeq, which integrates reversed time as negated time), ``y0`` has the user's structure (tensor or tuple).
+torchdiffeq, which integrates reversed time as negated time), ``y0`` has the user's structure
+(tensor or tuple).
 
 Perturbation (:class:`Perturb`): where a solver evaluates ``func`` on a discontinuity (a
 ``jump_t`` of an adaptive method, the grid points of a fixed-grid method with

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import InputError, UnknownMethodError
+from .tableaus import advance
 
 __all__ = ["IMPLICIT_METHODS", "IMPLICIT_ORDER", "IMPLICIT_OPTIONS", "IMPLICIT_TABLEAUS",
            "ConvergenceWarning", "ImplicitTableau", "check_implicit_options", "implicit_step"]
@@ -353,7 +354,4 @@ def implicit_step(fc: Callable, method: str, t0: float, h: float, y: torch.Tenso
             Z = z + dz
         ks.append((Z - known) / (h * g))
         kp, zp = ks[-1].detach(), Z.detach()
-    y1 = y
-    for bi, k in zip(tab.b, ks, strict=True):
-        y1 = y1 + (h * bi) * k
-    return y1
+    return advance(y, h, tab.b, ks)

@@ -12,9 +12,10 @@ from fractions import Fraction as F
 
 import torch
 
+from . import _dop853
 from .tableaus import DOPRI5_MID, Tableau
 
-__all__ = ["interp_weights"]
+__all__ = ["dop853_extra_stages", "dop853_weights", "interp_weights"]
 
 
 def _hermite(theta: torch.Tensor, tab: Tableau, s: int) -> torch.Tensor:
@@ -99,3 +100,40 @@ _KINDS = {"hermite": _hermite, "dopri5": _dopri5, "tsit5": _tsit5}
 def interp_weights(tab: Tableau, theta: torch.Tensor) -> torch.Tensor:
     """Weights ``(len(theta), stages + 1)`` for ``y0 + h * W @ K`` at step fractions ``theta``."""
     return _KINDS[tab.interp](theta, tab, tab.stages)
+
+
+def dop853_extra_stages(fc, tc: float, y: torch.Tensor, K: torch.Tensor, hs: float) -> torch.Tensor:
+    """The three extra stages of DOP853's dense output (rows 13-15 after ``K``'s 12 stages and
+    ``f(t1, y1)``); ``fc(t, y)`` evaluates the right-hand side at a float time."""
+    rows = list(K[:13])
+    for c, a in zip(_dop853.C_EXTRA, _dop853.A_EXTRA, strict=True):
+        incr = sum(ai * rows[i] for i, ai in enumerate(a) if ai != 0.0)
+        rows.append(fc(tc + c * hs, y + hs * incr))
+    return torch.stack(rows[13:])
+
+
+@functools.lru_cache(maxsize=8)
+def _dop853_F(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(7, 16): the interpolant's coefficients F_0..F_6 as weights over the 16 stages, where
+    y(t0 + θh) = y0 + θ(F0 + (1-θ)(F1 + θ(F2 + (1-θ)(F3 + θ(F4 + (1-θ)(F5 + θ F6)))))) · hK."""
+    with torch.inference_mode(False), torch.no_grad():
+        kw = dict(dtype=dtype, device=device)
+        b = torch.zeros(16, **kw)
+        b[:12] = torch.tensor(_dop853.B, **kw)
+        e0 = torch.zeros(16, **kw)
+        e0[0] = 1
+        e_end = torch.zeros(16, **kw)
+        e_end[12] = 1
+        d = torch.tensor(_dop853.D, **kw)
+        return torch.cat([torch.stack([b, e0 - b, 2 * b - e0 - e_end]), d])
+
+
+def dop853_weights(theta: torch.Tensor) -> torch.Tensor:
+    """Weights ``(len(theta), 16)`` of DOP853's seventh-order dense output over the 12 stages,
+    ``f(t1, y1)`` and :func:`dop853_extra_stages` (Hairer, Norsett & Wanner, Sec. II.10)."""
+    F = _dop853_F(theta.dtype, theta.device)
+    th = theta[:, None]
+    w = torch.zeros(theta.shape[0], 16, dtype=theta.dtype, device=theta.device)
+    for k in range(6, -1, -1):  # innermost first; the factors alternate θ, 1-θ outwards
+        w = (w + F[k]) * (th if k % 2 == 0 else 1 - th)
+    return w

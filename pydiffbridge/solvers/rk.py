@@ -23,7 +23,34 @@ from .interp import interp_weights
 from .stages import LeanStages, StageEngine, lean_func
 from .tableaus import Tableau
 
-__all__ = ["solve_adaptive"]
+__all__ = ["solve_adaptive", "max_steps_status", "step_size_status"]
+
+_EXPLICIT_HINT = ("The problem may be stiff or singular here: try a larger rtol/atol, a stiff "
+                  "method (method='rodas5', 'kvaerno5' or 'auto'; or backend='scipy', "
+                  "method='Radau' or 'BDF'), or options={'min_step': ...}")
+
+
+def max_steps_status(steps: int, max_steps: int, tc: float, h: float, t_end: float
+                     ) -> tuple[Status, str] | None:
+    """``(MAX_STEPS, message)`` once ``steps`` reached ``max_steps``, else None (the check at
+    the top of every adaptive host loop: this one, solvers/stiff_loop.py)."""
+    if steps < max_steps:
+        return None
+    return Status.MAX_STEPS, (f"reached max_num_steps={max_steps} at t={tc:.6g} (dt={h:.3g}) "
+                              f"before t={t_end:.6g}")
+
+
+def step_size_status(h: float, tc: float, span: float, last_nonfinite: bool, hint: str,
+                     what: str = "func produced") -> tuple[Status, str] | None:
+    """The end-of-step check of the adaptive host loops: None while the next step ``h`` is
+    usable, else ``(NONFINITE, ...)`` when the last rejection was for NaN/Inf (the step shrank
+    without avoiding it) or ``(STEP_UNDERFLOW, ...)``; ``hint`` says what to try."""
+    if h >= 10 * math.ulp(max(abs(tc), span)):
+        return None
+    if last_nonfinite:
+        return Status.NONFINITE, (f"{what} NaN/Inf near t={tc:.6g}; the step size shrank to "
+                                  f"dt={h:.3g} without avoiding it")
+    return Status.STEP_UNDERFLOW, f"step size underflow at t={tc:.6g}: dt={h:.3g}. {hint}"
 
 
 def _stops(t0: float, t1: float, direction: float, *lists) -> list[float]:
@@ -125,10 +152,9 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
     stop_i = 0
     last_nonfinite = False
     while t_end != t0 and (t_end - tc) * direction > 0:
-        if stats.steps >= max_steps:
-            status = Status.MAX_STEPS
-            message = (f"reached max_num_steps={max_steps} at t={tc:.6g} (dt={h:.3g}) before "
-                       f"t={t_end:.6g}")
+        trouble = max_steps_status(stats.steps, max_steps, tc, h, t_end)
+        if trouble is not None:
+            status, message = trouble
             break
         while (stops[stop_i] - tc) * direction <= 0:
             stop_i += 1
@@ -185,7 +211,7 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
                     eng.fill_end()
                 _fill(outputs, j0, out_idx, ts, t, tc, t1, hs, y, y1, K, tab, tgrad, lean)
             if events is not None:
-                ev = events.check(tc, t1, hs, y, y1, K, tab)
+                ev = events.check(tc, t1, hs, y, y1, K, tab, fc)
                 if ev is not None:
                     event_t, y_ev = ev
                     outputs = [y0, y_ev]
@@ -213,17 +239,9 @@ def solve_adaptive(f: Callable, y0: torch.Tensor, t: torch.Tensor, tab: Tableau,
             fc = fc_plain  # noqa: F811
         h = ctrl.next_step(abs(hs), ratio, accept)
         h = min(max(h, min_step), max_step)
-        if h < 10 * math.ulp(max(abs(tc), span)):
-            if last_nonfinite:
-                status = Status.NONFINITE
-                message = (f"func produced NaN/Inf near t={tc:.6g}; the step size shrank to "
-                           f"dt={h:.3g} without avoiding it")
-            else:
-                status = Status.STEP_UNDERFLOW
-                message = (f"step size underflow at t={tc:.6g}: dt={h:.3g}. The problem may be "
-                           "stiff or singular here: try a larger rtol/atol, a stiff method "
-                           "(backend='scipy', method='Radau' or 'BDF'), or options={'min_step': "
-                           "...}")
+        trouble = step_size_status(h, tc, span, last_nonfinite, _EXPLICIT_HINT)
+        if trouble is not None:
+            status, message = trouble
             break
     if events is not None and status == Status.SUCCESS:
         # no event before the end: report the final state as torchdiffeq does not; say so

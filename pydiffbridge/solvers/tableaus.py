@@ -19,7 +19,7 @@ import torch
 
 from . import _dop853
 
-__all__ = ["Tableau", "TABLEAUS", "DOPRI5_MID", "coefficients"]
+__all__ = ["Tableau", "TABLEAUS", "DOPRI5_MID", "advance", "coefficients"]
 
 
 @dataclass(frozen=True)
@@ -218,3 +218,14 @@ TABLEAUS: dict[str, Tableau] = {
     for t in (DOPRI5, TSIT5, BOSH3, FEHLBERG2, ADAPTIVE_HEUN, DOPRI8, EULER, MIDPOINT, HEUN2,
               HEUN3, RK4)
 }
+
+
+def advance(y, h: float, coeffs, ks):
+    """``y + h Σ c_j k_j``, the increment summed first: adding each term to ``y`` in turn
+    rounds at ``y``'s magnitude once per stage (in float32 that biased rk4's event times)."""
+    incr = None
+    for c, k in zip(coeffs, ks, strict=True):
+        if c != 0.0:
+            term = (h * c) * k
+            incr = term if incr is None else incr + term
+    return y if incr is None else y + incr
