@@ -312,6 +312,43 @@ def _event_search(t, options, event_fn):
     return t[:1], {**(options or {}), "t_max": math.copysign(math.inf, d) if d else math.inf}
 
 
+def _ignore_unknown_options(options, method, backend, where: str):
+    """torchdiffeq's treatment of options a method does not take: warn and drop them.  Anything
+    else wrong with ``options`` (bad values, a bad method or backend) is left to :func:`solve`."""
+    if not isinstance(options, dict) or not options or not all(isinstance(k, str) for k in options):
+        return options
+    try:
+        if method == "scipy_solver" and backend == "torch":
+            backend = "scipy"
+        be = get_backend(backend)
+        check = getattr(be, "check_options", None)
+        m = be.resolve_method(method)
+        if check is None:
+            return options
+        try:
+            check(m, options)
+            return options
+        except E.UnknownOptionError:
+            pass
+        base = {"solver": options["solver"]} if "solver" in options else {}
+        bad = []
+        for key, value in options.items():
+            try:
+                check(m, {**base, key: value})
+            except E.UnknownOptionError:
+                bad.append(key)
+            except E.PyDiffBridgeError:
+                pass
+    except E.PyDiffBridgeError:
+        return options
+    if not bad:
+        return options
+    warnings.warn(f"{where}: method {m!r} (backend {be.name!r}) does not take option(s) "
+                  f"{sorted(map(str, bad))}; they are ignored, as torchdiffeq does (solve() "
+                  "raises UnknownOptionError instead)", E.UnknownOptionWarning, stacklevel=3)
+    return {k: v for k, v in options.items() if k not in bad}
+
+
 def odeint(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: str | None = None,
            options: dict | None = None, event_fn: Callable | None = None, backend: Any = "torch",
            batch_dims: int | None = None):
@@ -324,6 +361,7 @@ def odeint(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method:
     sample with ``batch_dims``).
     """
     t, options = _event_search(t, options, event_fn)
+    options = _ignore_unknown_options(options, method, backend, "odeint")
     sol = solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                 event_fn=event_fn, backend=backend, gradient="auto", raise_on_failure=True,
                 batch_dims=batch_dims)
@@ -352,6 +390,7 @@ def odeint_adjoint(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9,
         raise E.InputError("odeint_adjoint: func must be an nn.Module so that its parameters can "
                            "be found, or pass adjoint_params=(tensors...)")
     t, options = _event_search(t, options, event_fn)
+    options = _ignore_unknown_options(options, method, backend, "odeint_adjoint")
     sol = solve(func, y0, t, rtol=rtol, atol=atol, method=method, options=options,
                 event_fn=event_fn, backend=backend, gradient="adjoint", adjoint_rtol=adjoint_rtol,
                 adjoint_atol=adjoint_atol, adjoint_method=adjoint_method,

@@ -33,6 +33,7 @@ __all__ = [
     "BackendUnavailableError",
     "JuliaUnavailableError",
     "GradientWarning",
+    "UnknownOptionWarning",
 ]
 
 
@@ -105,3 +106,9 @@ class JuliaUnavailableError(BackendUnavailableError):
 
 class GradientWarning(UserWarning):
     """Gradients will not reach some tensors the user may expect them to reach."""
+
+
+class UnknownOptionWarning(UserWarning):
+    """``odeint``/``odeint_adjoint`` ignored an option the method does not know (torchdiffeq
+    warns and goes on; :func:`~pydiffbridge.solve` raises :class:`UnknownOptionError`).  Make it
+    an error with ``warnings.simplefilter("error", UnknownOptionWarning)``."""

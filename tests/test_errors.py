@@ -20,7 +20,7 @@ def decay(t, y):
 
 def test_all_errors_share_the_base_class():
     for name in E.__all__:
-        if name != "GradientWarning":
+        if not name.endswith("Warning"):
             assert issubclass(getattr(E, name), E.PyDiffBridgeError)
     assert issubclass(E.InputError, ValueError)
     assert issubclass(E.SolverError, RuntimeError)
@@ -96,9 +96,13 @@ def test_unknown_method_option_backend():
     with pytest.raises(E.UnknownMethodError, match="dopri5.*Radau"):
         odeint(decay, torch.ones(1, dtype=D), T2, method="rk45x")
     with pytest.raises(E.UnknownOptionError, match="step_size"):
-        odeint(decay, torch.ones(1, dtype=D), T2, method="dopri5", options={"step_size": 0.1})
+        solve(decay, torch.ones(1, dtype=D), T2, method="dopri5", options={"step_size": 0.1})
     with pytest.raises(E.UnknownOptionError, match="first_step"):
-        odeint(decay, torch.ones(1, dtype=D), T2, method="rk4", options={"first_step": 0.1})
+        solve(decay, torch.ones(1, dtype=D), T2, method="rk4", options={"first_step": 0.1})
+    # odeint is torchdiffeq's interface: it warns, ignores the option and solves as without it
+    with pytest.warns(E.UnknownOptionWarning, match="step_size"):
+        ys = odeint(decay, torch.ones(1, dtype=D), T2, method="dopri5", options={"step_size": 0.1})
+    assert float(ys[-1]) == float(odeint(decay, torch.ones(1, dtype=D), T2, method="dopri5")[-1])
     with pytest.raises(E.UnknownBackendError, match="available"):
         odeint(decay, torch.ones(1, dtype=D), T2, backend="matlab")
 

@@ -261,11 +261,11 @@ def test_implicit_options_are_checked():
     odeint(f, y0, t, method="radauIIA5", options={"step_size": 0.5, "newton_tol": 1e-6,
                                                    "jacobian": "fd", "max_iters": 7})
     with pytest.raises(UnknownOptionError, match="max_order"):
-        odeint(f, y0, t, method="gl4", options={"max_order": 3})
+        solve(f, y0, t, method="gl4", options={"max_order": 3})
     with pytest.raises(InputError, match="newton_tol"):
         odeint(f, y0, t, method="gl4", options={"newton_tol": -1.0})
     with pytest.raises(UnknownOptionError, match="newton_tol"):
-        odeint(f, y0, t, method="rk4", options={"newton_tol": 1e-3})
+        solve(f, y0, t, method="rk4", options={"newton_tol": 1e-3})
 
 
 def test_implicit_methods_backprop_and_adjoint():

@@ -6,6 +6,7 @@ library errors that say what was asked for and what to try."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -137,7 +138,13 @@ def test_options_must_be_a_dict_and_method_a_name():
 
 def test_unknown_options_still_rejected_by_name():
     with pytest.raises(E.UnknownOptionError, match="not understood"):
+        pdb.solve(Counted(), torch.ones(2, dtype=D), T, options={"stepsize": 0.1})
+    with pytest.warns(E.UnknownOptionWarning, match="stepsize"):  # torchdiffeq's interface
         pdb.odeint(Counted(), torch.ones(2, dtype=D), T, options={"stepsize": 0.1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", E.UnknownOptionWarning)
+        with pytest.raises(E.UnknownOptionWarning):
+            pdb.odeint_adjoint(Counted(), torch.ones(2, dtype=D), T, options={"stepsize": 0.1})
 
 
 def test_scipy_and_batched_and_adjoint_options_checked_too():
