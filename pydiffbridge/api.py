@@ -17,150 +17,23 @@ import torch
 
 from . import _validate as V
 from . import errors as E
-from ._tree import Tree
-from .backends.base import SolveSpec, get_backend
-from .backends.torch import FIXED_METHODS, _rms
+from ._prepare import (
+    Prepared,
+    adjoint_params_of,
+    captures_grad_tensors,
+    needs_grad,
+    raise_for,
+)
+from .backends.base import get_backend
+from .gradients.settings import GradientSettings
 from .solution import Solution, Stats, Status
 
 __all__ = ["odeint", "odeint_adjoint", "odeint_event", "solve"]
 
-GRADIENTS = ("direct", "adjoint", "checkpointed", "interpolated", "auto")
-FUNC_SIGNATURE = "func(t, y) -> dy/dt (dy/dt with the structure of y0: a tensor or a tuple)"
-EVENT_SIGNATURE = "event_fn(t, y) -> tensor (crossing zero at the event)"
-_STATUS_ERRORS = {
-    Status.MAX_STEPS: E.MaxStepsExceededError,
-    Status.STEP_UNDERFLOW: E.StepSizeUnderflowError,
-    Status.NONFINITE: E.NonFiniteError,
-    Status.FAILED: E.SolverError,
-}
-
-
-def _check_t(t, y_like: torch.Tensor, needs_two: bool) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        try:
-            t = torch.as_tensor(t, dtype=torch.float64 if not y_like.dtype.is_floating_point
-                                else y_like.dtype)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise E.TimeGridError(f"t must be a 1-D tensor of times, got {type(t).__name__}") \
-                from exc
-    if t.ndim != 1:
-        raise E.TimeGridError(f"t must be one-dimensional, got shape {tuple(t.shape)}; pass the "
-                              "output times as a 1-D tensor")
-    if not t.dtype.is_floating_point:
-        t = t.to(torch.float64 if not y_like.dtype.is_floating_point else y_like.dtype)
-    if t.numel() < 1:
-        raise E.TimeGridError("t is empty; it needs at least one time (the start; one time "
-                              "alone returns y0 without integrating)")
-    if not bool(torch.isfinite(t).all()):
-        raise E.TimeGridError("t contains NaN or Inf")
-    if t.numel() > 1:
-        d = t[1:] - t[:-1]
-        if not (bool((d > 0).all()) or bool((d < 0).all())):
-            bad = int(torch.nonzero((d <= 0) if bool(d[0] > 0) else (d >= 0))[0])
-            raise E.TimeGridError(
-                f"t must be strictly increasing or strictly decreasing; it is not at index "
-                f"{bad + 1} (t[{bad}]={float(t[bad]):.6g}, t[{bad + 1}]={float(t[bad + 1]):.6g})")
-    return t.to(y_like.device) if t.device != y_like.device else t
-
-
-def _build_norm(tree: Tree, user_norm) -> Callable[[torch.Tensor], torch.Tensor]:
-    if callable(user_norm):
-        return lambda flat: user_norm(tree.unflatten(flat))
-    if user_norm is not None:
-        raise E.UnknownOptionError(f"options['norm'] must be a callable, got {user_norm!r} "
-                                   "('seminorm' is an adjoint_options setting)")
-    if not tree.is_tuple:
-        return _rms
-    sizes = [n for n in tree.sizes if n]  # an empty part has no error to measure
-
-    def max_rms(x):
-        return torch.stack([torch.linalg.vector_norm(p) / (p.numel() ** 0.5)
-                            for p in torch.split(x, sizes)]).max()
-
-    max_rms.rms_parts = list(sizes)  # built in: the branch-free loop computes the same norm
-    return max_rms
-
-
-class Prepared:
-    """Normalised inputs: what every path (direct, adjoint, any backend) starts from."""
-
-    def __init__(self, func, y0, t, rtol, atol, method, options, event_fn, backend):
-        self.tree = Tree.of(y0)
-        if self.tree.device.type == "meta":
-            V.check_not_meta(y0, "y0")
-        if not (self.tree.dtype.is_floating_point or self.tree.dtype.is_complex):
-            raise E.DTypeError(f"y0 must be floating point or complex, got {self.tree.dtype}; "
-                               "use y0.double() or y0.float()")
-        V.check_not_meta(t, "t")
-        V.check_callable(func, "func", FUNC_SIGNATURE)
-        V.check_callable(event_fn, "event_fn", EVENT_SIGNATURE, allow_none=True)
-        self.y0 = self.tree.flatten(y0)
-        if not bool(torch.isfinite(self.y0).all()):
-            raise E.NonFiniteError("y0 contains NaN or Inf")
-        self.t = _check_t(t, self.y0, needs_two=event_fn is None)
-        V.check_method_arg(method)
-        if method == "scipy_solver" and backend == "torch":
-            backend = "scipy"  # torchdiffeq's spelling; the SciPy backend reads options["solver"]
-        self.backend = get_backend(backend)
-        self.method = self.backend.resolve_method(method)
-        opts = V.check_options_arg(options)
-        check = getattr(self.backend, "check_options", None)
-        if check is not None:
-            check(self.method, opts)
-        V.check_option_values(opts, method=self.method)  # types, ranges (names: just above)
-        if self.backend.name == "torch" and self.method in FIXED_METHODS:
-            V.check_fixed_grid(self.t, opts)  # max_num_steps, before any grid is built
-        norm = _build_norm(self.tree, opts.pop("norm", None))
-        for key in ("step_t", "jump_t"):
-            if key in opts:
-                opts[key] = V.time_list(opts[key])
-        rtol_v = self.tree.flat_values(rtol, "rtol")
-        atol_v = self.tree.flat_values(atol, "atol")
-        V.check_tolerance_pair(rtol_v, atol_v)
-        self.spec = SolveSpec(self.method, rtol_v, atol_v, opts, norm)
-        self.func = self.tree.wrap_func(func)
-        self.event_fn = None
-        if event_fn is not None:
-            tree = self.tree
-            self.event_fn = lambda tt, yy: event_fn(tt, tree.unflatten(yy))
-
-    def adjoint_spec(self, rtol, atol, method, options) -> SolveSpec:
-        s = self.spec
-        opts = dict(options or {})
-        norm = opts.pop("norm", None)
-        r = self.tree.flat_values(rtol, "adjoint_rtol") if rtol is not None else s.rtol
-        a = self.tree.flat_values(atol, "adjoint_atol") if atol is not None else s.atol
-        if rtol is not None or atol is not None:
-            V.check_tolerance_pair(r, a, "adjoint_rtol", "adjoint_atol")
-        return SolveSpec(
-            self.backend.resolve_method(method) if method is not None else s.method,
-            r,
-            a,
-            {**{k: v for k, v in s.options.items() if k not in ("jump_t", "step_t")}, **opts},
-            norm,  # None, "seminorm" or a callable: interpreted by the bridge
-        )
-
-    def finish(self, sol: Solution, t_out: torch.Tensor | None = None) -> Solution:
-        if self.tree.is_tuple or sol.ys.shape[1:] != self.tree.shapes[0]:
-            # (already in shape: the adjoint bridge's output, whose grad_fn stays the bridge's)
-            sol.ys = self.tree.unflatten(sol.ys, lead=(sol.ys.shape[0],))
-        return sol
-
-
-def _raise_for(sol: Solution) -> None:
-    if sol.success:
-        return
-    cls = _STATUS_ERRORS.get(Status(int(sol.status)), E.SolverError)
-    hint = ""
-    if cls is E.MaxStepsExceededError:
-        hint = ("; raise options['max_num_steps'], loosen rtol/atol, or call pydiffbridge.solve"
-                "(...) which returns the partial result with status=MAX_STEPS instead of raising")
-    raise cls(f"{sol.backend}/{sol.method}: {sol.message}{hint}")
-
-
 def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: str | None = None,
           options: dict | None = None, event_fn: Callable | None = None, backend: Any = "torch",
-          gradient: str = "direct", adjoint_rtol: Any = None, adjoint_atol: Any = None,
+          gradient: str | GradientSettings = "direct", adjoint_rtol: Any = None,
+          adjoint_atol: Any = None,
           adjoint_method: str | None = None, adjoint_options: dict | None = None,
           adjoint_params: Any = None, raise_on_failure: bool = False,
           batch_dims: int | None = None) -> Solution:
@@ -170,13 +43,13 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
     stage to stage: a ``func`` that keeps ``t`` or ``y`` beyond the call must clone them.
 
     Args:
-        gradient: ``"direct"`` backprop through the solver's operations (torch backend),
+        gradient: a :class:`~pydiffbridge.GradientSettings` or its mode: ``"direct"`` backprop through the solver's operations (torch backend),
             ``"adjoint"`` (O(1) memory, through the bridge autograd.Function, any backend),
             ``"checkpointed"`` (adjoint that re-solves forward from saved states: stable on
             dissipative problems), ``"interpolated"`` (interpolating adjoint: records the
             forward states densely and back-solves only the adjoint, with the state from cubic
             Hermite interpolation; stable on stiff problems, with stiff ``adjoint_method``s too;
-            see :mod:`pydiffbridge.adjoint_interp`), or ``"auto"`` (direct where the backend
+            see :mod:`pydiffbridge.gradients.interpolated`), or ``"auto"`` (direct where the backend
             allows it, else adjoint).
         raise_on_failure: raise the matching exception instead of returning a non-success
             status.
@@ -191,24 +64,15 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
         A :class:`Solution`; ``ys`` has the structure of ``y0`` with a leading time dimension.
         For a failed solve the rows not reached are NaN and ``status``/``message`` say why.
     """
-    if gradient not in GRADIENTS:
-        raise E.InputError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
-    for name, v in (("adjoint_rtol", adjoint_rtol), ("adjoint_atol", adjoint_atol)):
-        if v is not None:  # checked here even where no adjoint ends up running
-            V.check_tolerance(v, name)
-    if adjoint_options is not None:
-        V.check_option_values(V.check_options_arg(adjoint_options, "adjoint_options"),
-                              "adjoint_options")
-    V.check_method_arg(adjoint_method)
+    g = GradientSettings.of(gradient, rtol=adjoint_rtol, atol=adjoint_atol, method=adjoint_method,
+                            options=adjoint_options, params=adjoint_params)
+    gradient, adjoint_params = g.mode, g.params
     if batch_dims is not None:
-        from .solvers.batched_api import batched_solve
+        from .batched_api import batched_solve
 
         return batched_solve(func, y0, t, batch_dims=batch_dims, rtol=rtol, atol=atol,
                              method=method, options=options, event_fn=event_fn, backend=backend,
-                             gradient=gradient, raise_on_failure=raise_on_failure,
-                             adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
-                             adjoint_method=adjoint_method, adjoint_options=adjoint_options,
-                             adjoint_params=adjoint_params)
+                             gradient=g, raise_on_failure=raise_on_failure)
     p = Prepared(func, y0, t, rtol, atol, method, options, event_fn, backend)
     if p.y0.numel() == 0:
         return p.finish(_empty_solve(p, func, adjoint_params))
@@ -220,37 +84,36 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
     if gradient == "auto":
         gradient = "direct" if p.backend.supports_direct_grad else "adjoint"
         if (gradient == "adjoint" and adjoint_params is None and torch.is_grad_enabled()
-                and not isinstance(func, torch.nn.Module) and _captures_grad_tensors(func)):
+                and not isinstance(func, torch.nn.Module) and captures_grad_tensors(func)):
             warnings.warn(
                 f"func is not an nn.Module: on backend {p.backend.name!r} gradients reach y0 and t"
                 " but no tensors captured by func; pass an nn.Module or use odeint_adjoint(..., "
                 "adjoint_params=...)", E.GradientWarning, stacklevel=3)
     with V.memory_guard(list(p.tree.shapes), p.tree.dtype, p.t.numel(), p.tree.device):
         if gradient == "direct" and not p.backend.supports_direct_grad:
-            if torch.is_grad_enabled() and _needs_grad(p, func, adjoint_params):
+            if torch.is_grad_enabled() and needs_grad(p, func, adjoint_params):
                 raise E.InputError(f"backend {p.backend.name!r} cannot backpropagate directly; "
                                    "use gradient='adjoint' (or odeint, which does so "
                                    "automatically)")
             with torch.no_grad():
                 sol = p.backend.solve(p.func, p.y0, p.t, p.spec, p.event_fn)
-        elif gradient == "direct" or not torch.is_grad_enabled() or not _needs_grad(
+        elif gradient == "direct" or not torch.is_grad_enabled() or not needs_grad(
                 p, func, adjoint_params):
             sol = p.backend.solve(p.func, p.y0, p.t, p.spec, p.event_fn)
         elif gradient == "interpolated":
-            from .adjoint_interp import interp_solve
+            from .gradients.interpolated import interp_solve
 
-            sol = interp_solve(p, _adjoint_params(func, adjoint_params),
-                               p.adjoint_spec(adjoint_rtol, adjoint_atol, adjoint_method,
-                                              adjoint_options))
+            sol = interp_solve(p, adjoint_params_of(func, adjoint_params),
+                               p.adjoint_spec(g.rtol, g.atol, g.method, g.adjoint_options))
         else:
-            from .adjoint import bridge_solve
+            from .gradients.bridge import bridge_solve
 
-            params = _adjoint_params(func, adjoint_params)
-            sol = bridge_solve(p, params, p.adjoint_spec(adjoint_rtol, adjoint_atol,
-                                                         adjoint_method, adjoint_options),
+            params = adjoint_params_of(func, adjoint_params)
+            sol = bridge_solve(p, params, p.adjoint_spec(g.rtol, g.atol, g.method,
+                                                         g.adjoint_options),
                                gradient, shaped=True)
     if raise_on_failure:
-        _raise_for(sol)
+        raise_for(sol)
     return p.finish(sol)
 
 
@@ -263,43 +126,12 @@ def _empty_solve(p: Prepared, func, adjoint_params) -> Solution:
     also: tuple = (p.t,)
     if torch.is_grad_enabled():
         try:
-            also += _adjoint_params(func, adjoint_params)
+            also += adjoint_params_of(func, adjoint_params)
         except TypeError:
             pass
     sol = V.empty_solution(p.y0, p.t, also)
     sol.backend, sol.method = p.backend.name, p.method
     return sol
-
-
-def _captures_grad_tensors(func) -> bool:
-    """Whether a plain function closes over tensors (or modules) that require gradients."""
-    for cell in getattr(func, "__closure__", None) or ():
-        try:
-            v = cell.cell_contents
-        except ValueError:
-            continue
-        if isinstance(v, torch.Tensor) and v.requires_grad:
-            return True
-        if isinstance(v, torch.nn.Module) and any(q.requires_grad for q in v.parameters()):
-            return True
-    return False
-
-
-def _adjoint_params(func, adjoint_params) -> tuple[torch.Tensor, ...]:
-    if adjoint_params is not None:
-        return tuple(adjoint_params)
-    if isinstance(func, torch.nn.Module):
-        return tuple(p for p in func.parameters() if p.requires_grad)
-    return ()
-
-
-def _needs_grad(p: Prepared, func, adjoint_params) -> bool:
-    if p.y0.requires_grad or p.t.requires_grad:
-        return True
-    try:
-        return any(q.requires_grad for q in _adjoint_params(func, adjoint_params))
-    except TypeError:
-        return False
 
 
 def _event_search(t, options, event_fn):

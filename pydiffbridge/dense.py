@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import errors as E
-from .api import Prepared, _raise_for
+from ._prepare import Prepared, raise_for
 from .backends.torch import ADAPTIVE_METHODS
 from .solvers.interp import interp_weights
 from .solvers.rk import solve_adaptive
@@ -54,7 +54,7 @@ def odeint_dense(func: Callable, y0: torch.Tensor, t0, t1, *, rtol: Any = 1e-7,
     sol = solve_adaptive(p.func, p.y0, p.t, TABLEAUS[p.method], p.spec.rtol, p.spec.atol,
                          p.spec.norm, {**p.spec.options, "record": record})
     sol.backend, sol.method = "torch", p.method
-    _raise_for(sol)
+    raise_for(sol)
     tab = TABLEAUS[p.method]
     ta, tb = float(p.t[0]), float(p.t[-1])
     direction = 1.0 if tb >= ta else -1.0

@@ -10,6 +10,7 @@ import torch
 from ..errors import InputError, UnknownMethodError, UnknownOptionError
 from ..solution import Solution, Stats, Status
 from ..solvers.fixed import ADAMS, solve_fixed
+from ..solvers.fixed_events import solve_fixed_until_event
 from ..solvers.hooks import hooks_of
 from ..solvers.implicit import IMPLICIT_METHODS, IMPLICIT_OPTIONS, check_implicit_options
 from ..solvers.rk import solve_adaptive
@@ -91,8 +92,9 @@ class TorchBackend:
                 sol = solve_adaptive(func, y0, t, TABLEAUS[method], spec.rtol, spec.atol, norm,
                                      opts, event_fn)
         else:
-            sol = solve_fixed(func, y0, t, method, TABLEAUS.get(method), opts, norm, spec.rtol,
-                              spec.atol, event_fn)
+            fixed = solve_fixed if event_fn is None else solve_fixed_until_event
+            sol = fixed(func, y0, t, method, TABLEAUS.get(method), opts, norm, spec.rtol,
+                        spec.atol, event_fn)
         sol.backend, sol.method = "torch", method
         return sol
 

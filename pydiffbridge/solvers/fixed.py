@@ -245,14 +245,14 @@ def grid_times(grid_t: torch.Tensor, tgrad: bool) -> list[GridTime]:
 def solve_fixed(f: Callable, y0: torch.Tensor, t: torch.Tensor, method: str, tab: Tableau | None,
                 opts: dict, norm: Callable, rtol, atol, event_fn: Callable | None = None
                 ) -> Solution:
-    """Integrate on the fixed grid and report at ``t`` (or until ``event_fn`` crosses zero)."""
+    """Integrate on the fixed grid and report at ``t`` (with an ``event_fn``:
+    :func:`~pydiffbridge.solvers.fixed_events.solve_fixed_until_event`)."""
+    if event_fn is not None:
+        raise InputError("solve_fixed does not search for events; call "
+                         "solvers.fixed_events.solve_fixed_until_event")
     tdtype = opts.get("dtype") or t.dtype
     tgrad = t.requires_grad and torch.is_grad_enabled()
     st = FixedStepper(f, y0, method, tab, opts, norm, rtol, atol, tdtype)
-    if event_fn is not None:
-        from .fixed_events import solve_fixed_event
-
-        return solve_fixed_event(st, y0, t, event_fn, tgrad)
     grid_t = make_grid(f, y0, t, opts)
     grid_t = grid_t.to(tdtype) if tgrad else grid_t.detach()
     pts = grid_times(grid_t, tgrad)

@@ -25,8 +25,9 @@ from ..errors import InputError
 from ..solution import Solution, Stats, Status
 from .events import EventTracker
 from .fixed import ADAMS, FixedStepper, GridTime, grid_times, hermite, make_grid
+from .tableaus import Tableau
 
-__all__ = ["solve_fixed_event", "DEFAULT_EVENT_STEPS"]
+__all__ = ["solve_fixed_until_event", "solve_fixed_event", "DEFAULT_EVENT_STEPS"]
 
 #: torchdiffeq's ``max_itrs`` of its fixed-grid event search
 DEFAULT_EVENT_STEPS = 20_000
@@ -72,6 +73,17 @@ def _search_grid(st: FixedStepper, y0, t: torch.Tensor, tgrad: bool, t_first) ->
         if last:
             return
         k += 1
+
+
+def solve_fixed_until_event(f: Callable, y0: torch.Tensor, t: torch.Tensor, method: str,
+                            tab: Tableau | None, opts: dict, norm: Callable, rtol, atol,
+                            event_fn: Callable) -> Solution:
+    """:func:`~pydiffbridge.solvers.fixed.solve_fixed`'s arguments: step on the fixed grid from
+    ``t[0]`` until ``event_fn`` crosses zero."""
+    tdtype = opts.get("dtype") or t.dtype
+    tgrad = t.requires_grad and torch.is_grad_enabled()
+    st = FixedStepper(f, y0, method, tab, opts, norm, rtol, atol, tdtype)
+    return solve_fixed_event(st, y0, t, event_fn, tgrad)
 
 
 def solve_fixed_event(st: FixedStepper, y0: torch.Tensor, t: torch.Tensor, event_fn: Callable,

@@ -9,19 +9,22 @@ from typing import Any
 
 import torch
 
-from .. import _validate as V
-from ..solution import Solution, Stats, Status
-from .batched import BATCHED_OPTIONS, solve_batched
+from . import _validate as V
+from . import errors as E
+from ._prepare import FUNC_SIGNATURE, STATUS_ERRORS, adjoint_params_of
+from ._tree import Tree
+from .backends.torch import ADAPTIVE_METHODS, TorchBackend
+from .gradients.settings import GradientSettings
+from .solution import Solution, Stats, Status
+from .solvers.batched import BATCHED_OPTIONS, solve_batched
+from .solvers.tableaus import TABLEAUS
 
 __all__ = ["batched_solve"]
 
 
 def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: Any,
                   method: str | None, options: dict | None, event_fn: Callable | None,
-                  backend: Any, gradient: str, raise_on_failure: bool,
-                  adjoint_rtol: Any = None, adjoint_atol: Any = None,
-                  adjoint_method: str | None = None, adjoint_options: dict | None = None,
-                  adjoint_params: Any = None) -> Solution:
+                  backend: Any, gradient: GradientSettings, raise_on_failure: bool) -> Solution:
     """``pydiffbridge.solve(..., batch_dims=k)``: checks, flattening and the call above.
 
     ``y0`` (or each tensor of a tuple ``y0``) has ``k`` leading batch dimensions; ``t`` is
@@ -30,16 +33,10 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
     status (tensors of shape ``batch_shape``).
 
     ``gradient="adjoint"`` (or ``"checkpointed"``) keeps the per-sample forward and runs one
-    joint adjoint over the whole batch through :func:`~pydiffbridge.adjoint.bridge_solve`
-    (see :mod:`pydiffbridge.solvers.batched_adjoint`); ``stats.nfe_backward`` and
+    joint adjoint over the whole batch through :func:`~pydiffbridge.gradients.bridge.bridge_solve`
+    (see :mod:`pydiffbridge.gradients.batched`); ``stats.nfe_backward`` and
     ``stats.steps_backward`` are then ints.
     """
-    from .. import errors as E
-    from .._tree import Tree
-    from ..api import _STATUS_ERRORS
-    from ..backends.torch import ADAPTIVE_METHODS, TorchBackend
-    from .tableaus import TABLEAUS
-
     if not isinstance(batch_dims, int) or isinstance(batch_dims, bool) or batch_dims < 1:
         raise E.InputError(f"batch_dims must be a positive int (leading batch dimensions of y0),"
                            f" got {batch_dims!r}")
@@ -49,6 +46,8 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
     if event_fn is not None:
         raise E.InputError("batch_dims does not support event_fn; solve each sample with "
                            "event_fn separately")
+    g = gradient
+    gradient, adjoint_params = g.mode, g.params
     if gradient not in ("direct", "auto", "adjoint", "checkpointed"):
         raise E.InputError(f"batch_dims supports gradient='direct', 'auto', 'adjoint' or "
                            f"'checkpointed', got {gradient!r}; drop batch_dims for it")
@@ -57,7 +56,6 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
     V.check_not_meta(t, "t")
     if not tree.dtype.is_floating_point:
         raise E.InputError(f"y0 must be floating point, got {tree.dtype}")
-    from ..api import FUNC_SIGNATURE
 
     V.check_callable(func, "func", FUNC_SIGNATURE)
     bshape = tree.shapes[0][:batch_dims]
@@ -143,8 +141,7 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
 
     params = ()
     if gradient in ("adjoint", "checkpointed") and torch.is_grad_enabled():
-        from ..api import _adjoint_params
-        params = _adjoint_params(func, adjoint_params)
+        params = adjoint_params_of(func, adjoint_params)
         if not (flat0.requires_grad or t.requires_grad or any(q.requires_grad for q in params)):
             gradient = "direct"  # nothing to differentiate: the plain forward solve
     else:
@@ -156,14 +153,14 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
             sol = solve_batched(f, flat0, tb, TABLEAUS[meth], rtol_v, atol_v, opts, parts,
                                 tdtype)
         else:
-            adj = dict(options=adjoint_options, method=adjoint_method,
-                       rtol=None if adjoint_rtol is None else tol(adjoint_rtol, "adjoint_rtol"),
-                       atol=None if adjoint_atol is None else tol(adjoint_atol, "adjoint_atol"))
+            adj = dict(options=g.adjoint_options, method=g.method,
+                       rtol=None if g.rtol is None else tol(g.rtol, "adjoint_rtol"),
+                       atol=None if g.atol is None else tol(g.atol, "adjoint_atol"))
             if adj["rtol"] is not None or adj["atol"] is not None:
                 V.check_tolerance_pair(rtol_v if adj["rtol"] is None else adj["rtol"],
                                        atol_v if adj["atol"] is None else adj["atol"],
                                        "adjoint_rtol", "adjoint_atol")
-            from .batched_adjoint import bridge_batched
+            from .gradients.batched import bridge_batched
 
             sol = bridge_batched(f, flat0, t, tb, TABLEAUS[meth], rtol_v, atol_v, opts,
                                  parts or [n_state], tdtype, params, gradient, adj)
@@ -178,7 +175,7 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
         setattr(sol.stats, k, getattr(sol.stats, k).reshape(bshape))
     if raise_on_failure and not sol.success:
         first = Status(int(sol.status.reshape(-1)[sol.status.reshape(-1) != 0][0]))
-        raise _STATUS_ERRORS.get(first, E.SolverError)(f"torch/{meth} (batch_dims): "
+        raise STATUS_ERRORS.get(first, E.SolverError)(f"torch/{meth} (batch_dims): "
                                                        f"{sol.message}")
     return sol
 
@@ -191,10 +188,9 @@ def _empty(flat0: torch.Tensor, t: torch.Tensor, tb: torch.Tensor, bshape, rests
     B, m = tb.shape
     also: tuple = (t,)
     if torch.is_grad_enabled():
-        from ..api import _adjoint_params
 
         try:
-            also += _adjoint_params(func, adjoint_params)
+            also += adjoint_params_of(func, adjoint_params)
         except TypeError:
             pass
     flat = V.empty_solution(flat0.reshape(-1), t, also, n_times=m).ys.reshape(m, B, sum(sizes))

@@ -39,18 +39,18 @@ from typing import Any
 
 import torch
 
-from . import errors as E
-from .adjoint_shared import (
-    _adjoint_options,
-    _block_norm,
-    _event_time,
-    _finish_backward,
-    _forward_part,
-    _grad_params,
-    _parse_checkpoints,
+from .. import errors as E
+from ..backends.base import SolveSpec
+from ..solution import Solution, Stats, Status
+from .common import (
+    adjoint_options,
+    block_norm,
+    event_time,
+    finish_backward,
+    forward_part,
+    grad_params,
+    parse_checkpoints,
 )
-from .backends.base import SolveSpec
-from .solution import Solution, Stats, Status
 
 __all__ = ["interp_solve", "HermiteRecord", "DEFAULT_REFINE", "MAX_RECORD"]
 
@@ -171,7 +171,7 @@ def _build_record(cfg: _Config, spec: SolveSpec, y0: torch.Tensor, ts: torch.Ten
         tq[0], tq[-1] = ts[0], ts[-1]
         with torch.no_grad():
             sol = cfg.backend.solve(cfg.func, y0.detach(), tq, spec, None)
-        cfg.stats.__iadd__(_forward_part(sol.stats))
+        cfg.stats.__iadd__(forward_part(sol.stats))
         if not sol.success:
             raise E.SolverError(f"interpolated adjoint: recording the forward solution failed: "
                                 f"{sol.message}")
@@ -236,7 +236,7 @@ class _Interp(torch.autograd.Function):
 
             with torch.no_grad():
                 sol = cfg.backend.solve(rec_f, y0.detach(), ts, cfg.spec, cfg.event_fn)
-            cfg.stats.__iadd__(_forward_part(sol.stats))
+            cfg.stats.__iadd__(forward_part(sol.stats))
             if not sol.success:  # no gradient can be formed; hand the failure to the API
                 cfg.sol = sol
                 ctx.failed = True
@@ -288,7 +288,7 @@ class _Interp(torch.autograd.Function):
             a = a + grad_ys[k]
             if bool((a != 0).any()):
                 a, g = _back_solve(cfg, ctx.rec, ts[k], ts[k - 1], a, g, params, counter)
-        return _finish_backward(ctx, cfg, ts, ys, grad_ys, a, g, params, counter)
+        return finish_backward(ctx, cfg, ts, ys, grad_ys, a, g, params, counter)
 
 
 def _back_solve(cfg: _Config, rec: HermiteRecord, t_hi, t_lo, a, g, params, counter):
@@ -326,9 +326,9 @@ def _back_solve(cfg: _Config, rec: HermiteRecord, t_hi, t_lo, a, g, params, coun
 def _back_norm(user_norm: Any, tree_sizes: list[int], n: int, param_sizes: tuple[int, ...]):
     if user_norm is None:
         sizes = [s for s in list(tree_sizes) + list(param_sizes) if s > 0]
-        return _block_norm(sizes, n + sum(param_sizes))
+        return block_norm(sizes, n + sum(param_sizes))
     if user_norm == "seminorm":
-        return _block_norm(list(tree_sizes), n)
+        return block_norm(list(tree_sizes), n)
     if callable(user_norm):
         return lambda x: user_norm((torch.zeros_like(x[:n]), x[:n], x[n:]))
     raise E.UnknownOptionError(f"adjoint_options['norm'] must be 'seminorm' or a callable taking "
@@ -342,7 +342,7 @@ def _back_tol(v: Any, p: int) -> Any:
 
 
 def interp_solve(p: Any, params: tuple[torch.Tensor, ...], adjoint_spec: SolveSpec) -> Solution:
-    """Solve ``p`` (a :class:`pydiffbridge.api.Prepared`) with interpolating-adjoint gradients.
+    """Solve ``p`` (a :class:`pydiffbridge._prepare.Prepared`) with interpolating-adjoint gradients.
 
     Args:
         p: the normalised problem (flat ``func``, ``y0``, ``t``, forward ``spec``, ``event_fn``).
@@ -356,19 +356,19 @@ def interp_solve(p: Any, params: tuple[torch.Tensor, ...], adjoint_spec: SolveSp
         A flat :class:`Solution`, ``ys`` (and ``event_t``) differentiable in ``y0``, ``params``
         and ``t``; ``stats.nfe_backward`` counts record slopes and backward calls.
     """
-    gparams = _grad_params(params)
+    gparams = grad_params(params)
     opts = dict(adjoint_spec.options)
     checkpoints = opts.pop("checkpoints", "auto")
     refine = opts.pop("refine", DEFAULT_REFINE)
     max_record = opts.pop("max_record", MAX_RECORD)
     if checkpoints != "auto":
-        checkpoints = _parse_checkpoints(checkpoints, "'auto', an int or a list of times")
+        checkpoints = parse_checkpoints(checkpoints, "'auto', an int or a list of times")
     if not isinstance(refine, int) or refine < 0:
         raise E.InputError(f"adjoint_options['refine'] must be an int >= 0, got {refine!r}")
     if not isinstance(max_record, int) or max_record < 2:
         raise E.InputError(f"adjoint_options['max_record'] must be an int >= 2, got "
                            f"{max_record!r}")
-    opts = _adjoint_options(p, adjoint_spec.method, opts)
+    opts = adjoint_options(p, adjoint_spec.method, opts)
     n = p.y0.numel()
     sizes = tuple(q.numel() for q in gparams)
     P = sum(sizes)
@@ -382,6 +382,6 @@ def interp_solve(p: Any, params: tuple[torch.Tensor, ...], adjoint_spec: SolveSp
     sol.stats = cfg.stats
     sol.ys = ys
     if sol.event_t is not None and sol.success:
-        sol.event_t, sol.ys = _event_time(p, sol.event_t, ys)
+        sol.event_t, sol.ys = event_time(p, sol.event_t, ys)
         sol.ts = torch.stack([p.t[0], sol.event_t.to(p.t.dtype)])
     return sol

@@ -34,19 +34,19 @@ from typing import Any
 
 import torch
 
-from . import errors as E
-from .adjoint_shared import (
-    _adjoint_options,
-    _block_norm,
-    _event_time,
-    _finish_backward,
-    _forward_part,
-    _grad_params,
-    _parse_checkpoints,
+from .. import errors as E
+from ..backends.base import Backend, SolveSpec
+from ..solution import Solution, Stats
+from ..solvers.hooks import adjoint_hooks
+from .common import (
+    adjoint_options,
+    block_norm,
+    event_time,
+    finish_backward,
+    forward_part,
+    grad_params,
+    parse_checkpoints,
 )
-from .backends.base import Backend, SolveSpec
-from .solution import Solution, Stats
-from .solvers.hooks import adjoint_hooks
 
 __all__ = ["BridgeConfig", "bridge_solve", "DEFAULT_CHECKPOINTS"]
 
@@ -126,9 +126,9 @@ def _aug_norm(user_norm: Any, tree: Any, n: int, params: tuple[torch.Tensor, ...
                                    f"{user_norm!r}")
     if user_norm is None:
         blocks = [s for s in tree.sizes + tree.sizes + sizes_p if s > 0]
-        flat = _block_norm(blocks, 2 * n + sum(sizes_p))
+        flat = block_norm(blocks, 2 * n + sum(sizes_p))
     else:
-        flat = _block_norm(tree.sizes + tree.sizes, 2 * n)
+        flat = block_norm(tree.sizes + tree.sizes, 2 * n)
 
     def to_tuple(x: torch.Tensor) -> tuple:
         y, ay = x[:n], x[n:2 * n]
@@ -177,7 +177,7 @@ class _Bridge(torch.autograd.Function):
                 ck = fwd.solve(cfg.func, y0, ck_t, cfg.spec, None)
                 ck_y = ck.ys.detach().clone()
                 ck_y[pos] = ys
-                cfg.stats.__iadd__(_forward_part(ck.stats))
+                cfg.stats.__iadd__(forward_part(ck.stats))
             else:
                 ck_y = ys
         if ckpt:
@@ -229,7 +229,7 @@ class _Bridge(torch.autograd.Function):
                 g = g + dg
             else:
                 a, g = _back_solve(cfg, ck_t[k], ck_t[k - 1], ck_y[k], a, g, params, counter)
-        return _finish_backward(ctx, cfg, ts, ys, grad_ys, a, g, params, counter)
+        return finish_backward(ctx, cfg, ts, ys, grad_ys, a, g, params, counter)
 
 
 def _local_vjp(cfg, t_seg, y_start, a, params, counter):
@@ -312,7 +312,7 @@ def _merge_times(ts: torch.Tensor, checkpoints: Any) -> tuple[torch.Tensor, list
 def bridge_solve(p: Any, params: tuple[torch.Tensor, ...], adjoint_spec: SolveSpec,
                  gradient: str, forward_backend: Backend | None = None,
                  shaped: bool = False) -> Solution:
-    """Solve ``p`` (an :class:`pydiffbridge.api.Prepared`) through the bridge.
+    """Solve ``p`` (an :class:`pydiffbridge._prepare.Prepared`) through the bridge.
 
     Args:
         p: the normalised problem (flat ``func``, ``y0``, ``t``, forward ``spec``, ``event_fn``).
@@ -336,11 +336,11 @@ def bridge_solve(p: Any, params: tuple[torch.Tensor, ...], adjoint_spec: SolveSp
     if gradient not in ("adjoint", "checkpointed"):
         raise E.InputError(f"bridge_solve: gradient must be 'adjoint' or 'checkpointed', got "
                            f"{gradient!r}")
-    gparams = _grad_params(params)
+    gparams = grad_params(params)
     opts = dict(adjoint_spec.options)
-    checkpoints = _parse_checkpoints(opts.pop("checkpoints", DEFAULT_CHECKPOINTS),
+    checkpoints = parse_checkpoints(opts.pop("checkpoints", DEFAULT_CHECKPOINTS),
                                      "an int or a list of times")
-    opts = _adjoint_options(p, adjoint_spec.method, opts)
+    opts = adjoint_options(p, adjoint_spec.method, opts)
     n = p.y0.numel()
     sizes = tuple(q.numel() for q in gparams)
     P = sum(sizes)
@@ -357,7 +357,7 @@ def bridge_solve(p: Any, params: tuple[torch.Tensor, ...], adjoint_spec: SolveSp
     sol.stats = cfg.stats
     sol.ys = ys
     if sol.event_t is not None:
-        sol.event_t, sol.ys = _event_time(p, sol.event_t, ys)
+        sol.event_t, sol.ys = event_time(p, sol.event_t, ys)
         sol.ts = torch.stack([p.t[0], sol.event_t.to(p.t.dtype)])
     return sol
 

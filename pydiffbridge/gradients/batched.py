@@ -1,6 +1,6 @@
 """The joint adjoint over a batch whose forward pass steps per sample.
 
-The bridge (:mod:`pydiffbridge.adjoint`) runs its forward solve through
+The bridge (:mod:`pydiffbridge.gradients.bridge`) runs its forward solve through
 :class:`_PerSampleBackend` (per-sample steps, :func:`~pydiffbridge.solvers.batched.solve_batched`)
 and its backward augmented solve on the shared-step torch backend, so parameters shared by the
 samples get one joint gradient at O(1) memory.  Per-sample output times are handled by solving
@@ -15,9 +15,13 @@ from typing import Any
 
 import torch
 
+from ..backends.base import SolveSpec, get_backend
+from ..errors import InputError
 from ..solution import Solution
-from .batched import solve_batched
-from .tableaus import Tableau
+from ..solvers.batched import solve_batched
+from ..solvers.tableaus import Tableau
+from .bridge import bridge_solve
+from .common import block_norm
 
 __all__ = ["bridge_batched"]
 
@@ -80,7 +84,6 @@ class _PerSampleBackend:
 
     def solve(self, func: Callable, y0: torch.Tensor, t: torch.Tensor, spec: Any,
               event_fn: Callable | None = None) -> Solution:
-        from ..errors import InputError
         if event_fn is not None:
             raise InputError("batch_dims does not support event_fn")
         B, n = self.B, self.n
@@ -104,10 +107,6 @@ def bridge_batched(f: Callable, flat0: torch.Tensor, t: torch.Tensor, tb: torch.
     the batch; per-sample output times go through a :class:`_TimeMap` (``t`` is then ``s``)."""
     from types import SimpleNamespace
 
-    from ..adjoint import bridge_solve
-    from ..adjoint_shared import _block_norm
-    from ..backends.base import SolveSpec, get_backend
-    from ..errors import InputError
 
     B, n = flat0.shape
     tmap = None
@@ -131,7 +130,7 @@ def bridge_batched(f: Callable, flat0: torch.Tensor, t: torch.Tensor, tb: torch.
     def flat(v):
         return v.reshape(-1) if isinstance(v, torch.Tensor) else v
 
-    norm = _block_norm(parts * B, B * n)
+    norm = block_norm(parts * B, B * n)
     spec = SolveSpec(tab.name, flat(rtol), flat(atol), opts, norm)
     aopts = dict(adj["options"] or {})
     anorm = aopts.pop("norm", None)

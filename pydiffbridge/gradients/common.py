@@ -1,5 +1,5 @@
-"""What the two adjoint bridges share (:mod:`~pydiffbridge.adjoint` for ``"adjoint"`` and
-``"checkpointed"``, :mod:`~pydiffbridge.adjoint_interp` for ``"interpolated"``): the block
+"""What the two adjoint bridges share (:mod:`~pydiffbridge.gradients.bridge` for ``"adjoint"`` and
+``"checkpointed"``, :mod:`~pydiffbridge.gradients.interpolated` for ``"interpolated"``): the block
 norm of the augmented state, option and checkpoint parsing, time gradients, the differentiable
 event time and the common end of backward."""
 
@@ -11,14 +11,14 @@ from typing import Any
 
 import torch
 
-from . import errors as E
-from .solution import Stats
+from .. import errors as E
+from ..solution import Stats
 
-__all__ = ["_block_norm", "_forward_part", "_eval", "_time_grads", "_finish_backward",
-           "_grad_params", "_parse_checkpoints", "_adjoint_options", "_event_time"]
+__all__ = ["block_norm", "forward_part", "eval", "time_grads", "finish_backward",
+           "grad_params", "parse_checkpoints", "adjoint_options", "event_time"]
 
 
-def _block_norm(sizes: list[int], keep: int) -> Callable[[torch.Tensor], torch.Tensor]:
+def block_norm(sizes: list[int], keep: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """Max over blocks of the RMS of each block; only the first ``keep`` elements count."""
     sizes_t: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -41,33 +41,33 @@ def _block_norm(sizes: list[int], keep: int) -> Callable[[torch.Tensor], torch.T
     return norm
 
 
-def _forward_part(s: Stats) -> Stats:
+def forward_part(s: Stats) -> Stats:
     return Stats(nfe=s.nfe, steps=s.steps, accepted=s.accepted, rejected=s.rejected)
 
 
-def _eval(cfg: Any, t: torch.Tensor, y: torch.Tensor, counter) -> torch.Tensor:
+def eval(cfg: Any, t: torch.Tensor, y: torch.Tensor, counter) -> torch.Tensor:
     counter[0] += 1
     with torch.no_grad():
         return cfg.func(t, y)
 
 
-def _time_grads(cfg, ts, ys, grad_ys, a, counter) -> torch.Tensor:
+def time_grads(cfg, ts, ys, grad_ys, a, counter) -> torch.Tensor:
     """``dL/dt_i = ⟨∂L/∂y_i, f(t_i, y_i)⟩`` (i ≥ 1), ``dL/dt_0 = -⟨a(t_0⁺), f(t_0, y_0)⟩``."""
     out = torch.zeros(len(ts), dtype=ts.dtype, device=ts.device)
     for i in range(len(ts)):
         w = -a if i == 0 else grad_ys[i]
         if bool((w != 0).any()):
-            fi = _eval(cfg, ts[i], ys[i], counter)
+            fi = eval(cfg, ts[i], ys[i], counter)
             out[i] = torch.sum(w * fi).real.to(ts.dtype)
     return out
 
 
-def _finish_backward(ctx, cfg, ts, ys, grad_ys, a, g, params, counter) -> tuple:
+def finish_backward(ctx, cfg, ts, ys, grad_ys, a, g, params, counter) -> tuple:
     """Common end of every bridge backward: time gradients, the last incoming gradient, the
     backward stats and the parameter gradients in each parameter's shape and dtype."""
     grad_t = None
     if ctx.needs_input_grad[2]:
-        grad_t = _time_grads(cfg, ts, ys, grad_ys, a, counter)
+        grad_t = time_grads(cfg, ts, ys, grad_ys, a, counter)
         if ctx.event:  # times are [t0, T]: only t0 is an input (the rest of t is a limit)
             grad_t = torch.cat([grad_t[:1], grad_t.new_zeros(ctx.t_len - 1)])
     a = a + grad_ys[0]
@@ -79,7 +79,7 @@ def _finish_backward(ctx, cfg, ts, ys, grad_ys, a, g, params, counter) -> tuple:
     return (None, a, grad_t, *grads)
 
 
-def _grad_params(params: tuple) -> tuple[torch.Tensor, ...]:
+def grad_params(params: tuple) -> tuple[torch.Tensor, ...]:
     """Check that every adjoint parameter is a tensor; return those that require grad."""
     for i, q in enumerate(params):
         if not isinstance(q, torch.Tensor):
@@ -88,7 +88,7 @@ def _grad_params(params: tuple) -> tuple[torch.Tensor, ...]:
     return tuple(q for q in params if q.requires_grad)
 
 
-def _parse_checkpoints(value: Any, accepted: str) -> Any:
+def parse_checkpoints(value: Any, accepted: str) -> Any:
     """``adjoint_options['checkpoints']``: an int >= 0 passes through, anything else must
     become a list of float times (``accepted`` names the valid forms for the message)."""
     if not isinstance(value, int):
@@ -102,7 +102,7 @@ def _parse_checkpoints(value: Any, accepted: str) -> Any:
     return value
 
 
-def _adjoint_options(p: Any, method: str, opts: dict) -> dict:
+def adjoint_options(p: Any, method: str, opts: dict) -> dict:
     """Validate the backward solve's options.  Options inherited from the forward solve that
     the adjoint method does not take (``step_size`` when ``adjoint_method`` is adaptive, ...) are
     dropped; the forward's ``jump_t``/``step_t`` are passed on where the method takes them (the
@@ -124,13 +124,13 @@ def _adjoint_options(p: Any, method: str, opts: dict) -> dict:
     return opts
 
 
-def _event_time(p: Any, T: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def event_time(p: Any, T: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable event time by the implicit function theorem (see
-    :mod:`~pydiffbridge.adjoint`): value ``T``, derivative ``-(dg/dθ) / (dg/dt)``.  ``event_fn``
+    :mod:`~pydiffbridge.gradients.bridge`): value ``T``, derivative ``-(dg/dθ) / (dg/dt)``.  ``event_fn``
     is called as :func:`~pydiffbridge.solvers.events.call_event` calls it (autograd works
     through its ``t`` and ``y``); one whose value depends on neither nor on any parameter
     (``zeros_like(t)``) gives a constant event time, as torchdiffeq's zero vjp does."""
-    from .solvers.events import call_event
+    from ..solvers.events import call_event
 
     T = T.detach().to(p.t.dtype)
     y_T = ys[-1]
