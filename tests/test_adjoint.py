@@ -8,53 +8,15 @@ import math
 
 import pytest
 import torch
+from _models import MLP, Linear
+from _models import rotated as _rotated
+from _models import vanloan as _vanloan
 
 import pydiffbridge as pdb
 from pydiffbridge import errors as E
 
 DT = torch.float64
 ADAPTIVE = ["dopri5", "tsit5", "bosh3", "fehlberg2", "adaptive_heun", "dopri8"]
-
-
-def _vanloan(A: torch.Tensor, c: torch.Tensor, y0: torch.Tensor, T: float) -> torch.Tensor:
-    """d(c·expm(A T) y0)/dA = ∫_0^T expm(Aᵀ(T-s)) c y0ᵀ expm(Aᵀ s) ds, the upper-right block
-    of expm([[AᵀT, c y0ᵀ T], [0, AᵀT]]) (Van Loan 1978)."""
-    n = A.shape[0]
-    M = torch.zeros(2 * n, 2 * n, dtype=A.dtype)
-    M[:n, :n] = A.T * T
-    M[n:, n:] = A.T * T
-    M[:n, n:] = torch.outer(c, y0) * T
-    return torch.linalg.matrix_exp(M)[:n, n:]
-
-
-class Linear(torch.nn.Module):
-    def __init__(self, A: torch.Tensor):
-        super().__init__()
-        self.A = torch.nn.Parameter(A.clone())
-
-    def forward(self, t, y):
-        return self.A @ y
-
-
-class MLP(torch.nn.Module):
-    def __init__(self, dim: int = 2, hidden: int = 16, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.w1 = torch.nn.Parameter(torch.randn(hidden, dim, generator=g, dtype=DT) * 0.5)
-        self.b1 = torch.nn.Parameter(torch.randn(hidden, generator=g, dtype=DT) * 0.1)
-        self.w2 = torch.nn.Parameter(torch.randn(dim, hidden, generator=g, dtype=DT) * 0.5)
-        self.calls = 0
-
-    def forward(self, t, y):
-        self.calls += 1
-        return self.w2 @ torch.tanh(self.w1 @ y + self.b1) + 0.1 * torch.sin(t)
-
-
-def _rotated(k: float) -> torch.Tensor:
-    """A symmetric 2x2 matrix with eigenvalues -1 and -k along the diagonals."""
-    c = s = math.sqrt(0.5)
-    R = torch.tensor([[c, -s], [s, c]], dtype=DT)
-    return R @ torch.diag(torch.tensor([-1.0, -k], dtype=DT)) @ R.T
 
 
 # ------------------------------------------------------------------------------ gradcheck

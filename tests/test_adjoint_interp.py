@@ -10,50 +10,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from _models import MLP, Linear
+from _models import rotated as _stiff_matrix
+from _models import vanloan as _vanloan
 
 import pydiffbridge as pdb
 from pydiffbridge import errors as E
 
 DT = torch.float64
 scipy_integrate = pytest.importorskip("scipy.integrate")
-
-
-def _vanloan(A: torch.Tensor, c: torch.Tensor, y0: torch.Tensor, T: float) -> torch.Tensor:
-    """d(c·expm(A T) y0)/dA: upper-right block of expm([[AᵀT, c y0ᵀ T], [0, AᵀT]])."""
-    n = A.shape[0]
-    M = torch.zeros(2 * n, 2 * n, dtype=A.dtype)
-    M[:n, :n] = A.T * T
-    M[n:, n:] = A.T * T
-    M[:n, n:] = torch.outer(c, y0) * T
-    return torch.linalg.matrix_exp(M)[:n, n:]
-
-
-def _stiff_matrix(k: float) -> torch.Tensor:
-    """Symmetric 2x2 matrix with eigenvalues -1 and -k, eigenvectors at 45 degrees."""
-    c = s = math.sqrt(0.5)
-    R = torch.tensor([[c, -s], [s, c]], dtype=DT)
-    return R @ torch.diag(torch.tensor([-1.0, -k], dtype=DT)) @ R.T
-
-
-class Linear(torch.nn.Module):
-    def __init__(self, A: torch.Tensor):
-        super().__init__()
-        self.A = torch.nn.Parameter(A.clone())
-
-    def forward(self, t, y):
-        return self.A @ y
-
-
-class MLP(torch.nn.Module):
-    def __init__(self, dim: int = 2, hidden: int = 8, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.w1 = torch.nn.Parameter(torch.randn(hidden, dim, generator=g, dtype=DT) * 0.6)
-        self.b1 = torch.nn.Parameter(torch.randn(hidden, generator=g, dtype=DT) * 0.1)
-        self.w2 = torch.nn.Parameter(torch.randn(dim, hidden, generator=g, dtype=DT) * 0.6)
-
-    def forward(self, t, y):
-        return self.w2 @ torch.tanh(self.w1 @ y + self.b1) + 0.2 * torch.sin(2 * t)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -204,7 +169,7 @@ def test_gradcheck_torch_backend():
 
 @pytest.mark.parametrize("checkpoints", ["auto", 5])
 def test_matches_direct_backprop_torch_backend(checkpoints):
-    f = MLP()
+    f = MLP(hidden=8, scale=0.6, amp=0.2, freq=2.0)
     y0 = torch.tensor([0.4, -0.2], dtype=DT, requires_grad=True)
     t = torch.linspace(0, 2.0, 5, dtype=DT)
     target = torch.tensor([0.1, 0.3], dtype=DT)
@@ -221,7 +186,7 @@ def test_matches_direct_backprop_torch_backend(checkpoints):
 def test_fixed_step_forward_matches_direct_backprop():
     # rk4 with h = 0.01: the continuous adjoint and backprop through the steps agree to O(h^4);
     # a record read off linear output interpolation (O(h^2)) would not
-    f = MLP(seed=2)
+    f = MLP(hidden=8, seed=2, scale=0.6, amp=0.2, freq=2.0)
     y0 = torch.tensor([0.4, -0.2], dtype=DT, requires_grad=True)
     t = torch.linspace(0, 2.0, 5, dtype=DT)
     grads = {}

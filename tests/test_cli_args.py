@@ -114,7 +114,7 @@ def test_bench_defaults_and_presets_parse_to_lists() -> None:
     args = ap.parse_args(["--peers", ""])
     assert args.tols == [1e-3, 1e-6] and args.methods == ["dopri5", "tsit5"]
     assert args.peers == [] and "torch" in args.backends
-    ap.set_defaults(**runner.PRESETS["issue2"])
+    ap.set_defaults(**runner.PRESETS["mlp"])
     args = ap.parse_args([])
     assert args.tols == [1e-3, 1e-6, 1e-9] and args.problems == ["mlp"]
 

@@ -32,25 +32,14 @@ from pathlib import Path
 
 import torch
 
+from .problems import MLP
+
 __all__ = ["main", "memory_run", "speed_run"]
 
 
-class ODEFunc(torch.nn.Module):
-    """``dy/dt = W2 tanh(W1 y + b1) + b2``, counting its calls."""
-
-    def __init__(self, dim: int, hidden: int, seed: int = 0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.l1 = torch.nn.Linear(dim, hidden)
-        self.l2 = torch.nn.Linear(hidden, dim)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / p.shape[-1] ** 0.5))
-        self.calls = 0
-
-    def forward(self, t, y):
-        self.calls += 1
-        return self.l2(torch.tanh(self.l1(y)))
+def ODEFunc(dim: int, hidden: int, seed: int = 0) -> MLP:  # noqa: N802 - reads as a class
+    """``dy/dt = W2 tanh(W1 y + b1) + b2`` with normal initialisation, counting its calls."""
+    return MLP(dim, hidden, seed=seed, init="normal")
 
 
 # ----------------------------------------------------------------------------------- memory

@@ -41,18 +41,26 @@ class Problem:
 
 
 class MLP(torch.nn.Module):
-    """``dy/dt = W2 tanh(W1 y + b1) + b2``: the 2→64→2 neural ODE of the benchmarks."""
+    """``dy/dt = W2 tanh(W1 y + b1) + b2``: the 2→64→2 neural ODE of the benchmarks (and,
+    with ``init="normal"``, the adjoint benchmark's); ``calls`` counts evaluations.
+
+    ``init``: ``"uniform"`` draws U(-1, 1)·scale/√fan_in, ``"normal"`` N(0, 1)·0.5·scale/√fan_in
+    (each parameter in turn from one seeded generator)."""
 
     def __init__(self, dim: int = 2, hidden: int = 64, seed: int = 0, scale: float = 1.0,
-                 hamiltonian: bool = False):
+                 hamiltonian: bool = False, init: str = "uniform"):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.l1 = torch.nn.Linear(dim, hidden)
         self.l2 = torch.nn.Linear(hidden, dim)
+        self.calls = 0
         with torch.no_grad():
             for p in self.parameters():
-                p.copy_(scale * (torch.rand(p.shape, generator=g) * 2 - 1)
-                        / math.sqrt(p.shape[-1]))
+                if init == "normal":
+                    p.copy_(torch.randn(p.shape, generator=g) * (0.5 * scale / p.shape[-1] ** 0.5))
+                else:
+                    p.copy_(scale * (torch.rand(p.shape, generator=g) * 2 - 1)
+                            / math.sqrt(p.shape[-1]))
             if hamiltonian and dim == 2:
                 # W2 = J W1^T, b2 = 0: f = J ∇H with H = Σ log cosh(W1 y + b1) convex, so every
                 # orbit is a closed curve and the work per unit time stays steady
@@ -61,6 +69,7 @@ class MLP(torch.nn.Module):
                 self.l2.bias.zero_()
 
     def forward(self, t, y):
+        self.calls += 1
         return self.l2(torch.tanh(self.l1(y)))
 
     def trace_jac(self, y: torch.Tensor) -> torch.Tensor:

@@ -36,9 +36,9 @@ from .report import plot, to_markdown
 __all__ = ["main", "run_bench"]
 
 PRESETS = {
-    "issue2": dict(problems="mlp", methods="dopri5,tsit5", tols="1e-3,1e-6,1e-9",
-                   backends="torch", peers="torchdiffeq,torchode", batch_mode="shared",
-                   threads=1),
+    "mlp": dict(problems="mlp", methods="dopri5,tsit5", tols="1e-3,1e-6,1e-9",
+                backends="torch", peers="torchdiffeq,torchode", batch_mode="shared",
+                threads=1),
     "vdp": dict(problems="vdp", methods="dopri5,tsit5", tols="1e-5,1e-7", backends="torch",
                 peers="torchode", batch_mode="both"),
 }
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="pydiffbridge bench", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration (issue2: "
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="a named configuration (mlp: "
                     "MLP ours vs torchdiffeq/torchode, one thread; vdp: per-sample vs shared); "
                     "explicit flags override it")
     ap.add_argument("--problems", type=choice_list(tuple(PROBLEMS)), default=",".join(PROBLEMS),
