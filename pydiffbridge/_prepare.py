@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import _options as O
 from . import _validate as V
 from . import errors as E
 from ._tree import Tree
@@ -98,17 +99,17 @@ class Prepared:
             backend = "scipy"  # torchdiffeq's spelling; the SciPy backend reads options["solver"]
         self.backend = get_backend(backend)
         self.method = self.backend.resolve_method(method)
-        opts = V.check_options_arg(options)
+        opts = O.check_options_arg(options)
         check = getattr(self.backend, "check_options", None)
         if check is not None:
             check(self.method, opts)
-        V.check_option_values(opts, method=self.method)  # types, ranges (names: just above)
+        O.check_option_values(opts, method=self.method)  # types, ranges (names: just above)
         if self.backend.name == "torch" and self.method in FIXED_METHODS:
-            V.check_fixed_grid(self.t, opts)  # max_num_steps, before any grid is built
+            O.check_fixed_grid(self.t, opts)  # max_num_steps, before any grid is built
         norm = build_norm(self.tree, opts.pop("norm", None))
         for key in ("step_t", "jump_t"):
             if key in opts:
-                opts[key] = V.time_list(opts[key])
+                opts[key] = O.time_list(opts[key])
         rtol_v = self.tree.flat_values(rtol, "rtol")
         atol_v = self.tree.flat_values(atol, "atol")
         V.check_tolerance_pair(rtol_v, atol_v)

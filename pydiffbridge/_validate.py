@@ -9,31 +9,26 @@ signature is inspected once per function definition (cached by code object).
 
 * tolerances (:func:`check_tolerance`, :func:`check_tolerance_pair`),
 * callables (:func:`check_callable`: ``func(t, y)``, ``event_fn(t, y)``, ...),
-* option values (:data:`OPTION_RULES`, :func:`check_option_values`) and the step count of a
-  fixed grid (:func:`check_fixed_grid`),
-* tensors on the meta device (:func:`check_not_meta`),
-* empty states (:func:`empty_solution`) and running out of memory (:func:`memory_guard`).
+* tensors on the meta device (:func:`check_not_meta`).
+
+Options (names, values, ranges, a fixed grid's step count) are checked in
+:mod:`pydiffbridge._options`; empty states and running out of memory are handled in
+:mod:`pydiffbridge._resources`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import numbers
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any
 
 import torch
 
 from . import errors as E
-from .solution import Solution, Stats, Status
 
-__all__ = ["DEFAULT_MAX_NUM_STEPS", "ADAMS_MAX_ORDER", "SolverMemoryError", "OPTION_RULES",
-           "real_number", "is_positive_int", "show",
-           "check_tolerance", "check_tolerance_pair", "check_callable", "check_options_arg",
-           "check_option_values", "check_fixed_grid", "check_not_meta", "check_method_arg",
-           "time_list", "empty_solution", "memory_guard"]
+__all__ = ["DEFAULT_MAX_NUM_STEPS", "ADAMS_MAX_ORDER", "SolverMemoryError", "integer",
+           "real_number", "show", "check_tolerance", "check_tolerance_pair", "check_callable",
+           "check_not_meta", "check_method_arg"]
 
 #: the adaptive loops' default ``max_num_steps`` (solvers/rk.py, solvers/batched.py, the SciPy
 #: and Julia backends); fixed grids are held to the same limit
@@ -61,7 +56,7 @@ def real_number(v) -> float | None:
     return None
 
 
-def _integer(v) -> int | None:
+def integer(v) -> int | None:
     """``v`` as an int if it is an integer (an int, or an integral float such as ``1e5``)."""
     x = real_number(v)
     if x is None or not math.isfinite(x) or x != int(x):
@@ -249,178 +244,10 @@ def check_callable(fn, name: str, expected: str, nargs: int = 2, allow_none: boo
 
 
 # -- options ------------------------------------------------------------------------------
-def check_options_arg(options, name: str = "options") -> dict:
-    """``options`` as a new dict (``None`` is ``{}``)."""
-    if options is None:
-        return {}
-    if not isinstance(options, Mapping):
-        raise E.InputError(f"{name} must be a dict of option names to values (or None), got "
-                           f"{show(options)} of type {type(options).__name__}")
-    bad = [k for k in options if not isinstance(k, str)]
-    if bad:
-        raise E.UnknownOptionError(f"{name} keys must be option names (str), got {bad[0]!r}")
-    return dict(options)
-
-
 def check_method_arg(method) -> None:
     if method is not None and not isinstance(method, str):
         raise E.UnknownMethodError(f"method must be a method name (str) or None, got "
                                    f"{show(method)} of type {type(method).__name__}")
-
-
-def is_positive_int(v) -> bool:
-    i = _integer(v)
-    return i is not None and i >= 1
-
-
-def _pos_finite(v) -> bool:
-    x = real_number(v)
-    return x is not None and 0.0 < x < math.inf
-
-
-def _in_range(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False):
-    def ok(v) -> bool:
-        x = real_number(v)
-        if x is None or x != x:
-            return False
-        return (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
-    return ok
-
-
-def _finite(v) -> bool:
-    x = real_number(v)
-    return x is not None and math.isfinite(x)
-
-
-def _times(v) -> bool:
-    x = real_number(v) if not isinstance(v, (list, tuple, torch.Tensor)) else None
-    if x is not None:
-        return math.isfinite(x)
-    if isinstance(v, (list, tuple)):
-        return all(real_number(e) is not None and math.isfinite(real_number(e)) for e in v)
-    if isinstance(v, torch.Tensor) or hasattr(v, "__array__"):
-        try:
-            a = torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else v)
-        except (TypeError, ValueError, RuntimeError):
-            return False
-        if a.device.type == "meta" or a.ndim > 1 or a.is_complex() or a.dtype == torch.bool:
-            return False
-        return a.numel() == 0 or bool(torch.isfinite(a).all())
-    return False
-
-
-def _nonzero(v) -> bool:
-    x = real_number(v)
-    return x is not None and x == x and x != 0.0
-
-
-def _grid_constructor(v) -> bool:
-    if v is None:
-        return True
-    check_callable(v, "options['grid_constructor']", "grid_constructor(func, y0, t) -> grid",
-                   nargs=3)
-    return True
-
-
-#: option -> (predicate, what it must be, an example).  Only options that are given are
-#: checked; the backends' ``check_options`` reject unknown names first.
-OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
-    "max_num_steps": (is_positive_int, "a positive integer", "max_num_steps=100000"),
-    "step_size": (lambda v: v is None or _pos_finite(v), "a finite number > 0",
-                  "step_size=0.01"),
-    "first_step": (lambda v: v is None or _pos_finite(v), "a finite number > 0 (or None)",
-                   "first_step=1e-3"),
-    "max_step": (_in_range(0.0, math.inf, lo_open=True), "a number > 0 (inf: no limit)",
-                 "max_step=0.1"),
-    "min_step": (_in_range(0.0, math.inf, hi_open=True), "a finite number >= 0",
-                 "min_step=1e-10"),
-    "safety": (_in_range(0.0, 1.0, lo_open=True), "a number in (0, 1]", "safety=0.9"),
-    "ifactor": (_in_range(1.0, math.inf, hi_open=True), "a finite number >= 1",
-                "ifactor=10.0"),
-    "dfactor": (_in_range(0.0, 1.0, lo_open=True), "a number in (0, 1]", "dfactor=0.2"),
-    "pcoeff": (_finite, "a finite number", "pcoeff=0.0"),
-    "icoeff": (_finite, "a finite number", "icoeff=1.0"),
-    "dcoeff": (_finite, "a finite number", "dcoeff=0.0"),
-    "max_order": (lambda v: _integer(v) is not None and 1 <= _integer(v) <= ADAMS_MAX_ORDER,
-                  f"an integer in [1, {ADAMS_MAX_ORDER}]", "max_order=4"),
-    "max_iters": (is_positive_int, "a positive integer", "max_iters=4"),
-    "interp": (lambda v: v in ("linear", "cubic"), "'linear' or 'cubic'", "interp='cubic'"),
-    "perturb": (lambda v: isinstance(v, bool) or (type(v).__module__ == "numpy"
-                                                  and type(v).__name__ in ("bool", "bool_")),
-                "True or False", "perturb=True"),
-    "dtype": (lambda v: v is None or (isinstance(v, torch.dtype) and v.is_floating_point),
-              "a floating torch dtype (the dtype of the times)", "dtype=torch.float64"),
-    "step_t": (_times, "finite times: a number or a 1-D list/tensor", "step_t=[0.5, 1.0]"),
-    "jump_t": (_times, "finite times: a number or a 1-D list/tensor", "jump_t=[0.5]"),
-    "grid_constructor": (_grid_constructor, "a callable grid_constructor(func, y0, t)",
-                         "grid_constructor=lambda f, y0, t: t"),
-    "t_max": (_nonzero,
-              "a nonzero number (the signed length of the event search; inf: unbounded)",
-              "t_max=10.0"),
-    "sync_every": (is_positive_int, "a positive integer", "sync_every=8"),
-    "max_outputs_per_step": (is_positive_int, "a positive integer", "max_outputs_per_step=8"),
-    "loop": (lambda v: v in ("auto", "host", "device"), "'auto', 'host' or 'device'",
-             "loop='host'"),
-    "compile": (lambda v: isinstance(v, bool), "True or False", "compile=True"),
-}
-
-
-def check_option_values(opts: Mapping, name: str = "options", method: str | None = None
-                        ) -> None:
-    """Check the type and range of every option in :data:`OPTION_RULES` that ``opts`` has."""
-    for key, value in opts.items():
-        rule = OPTION_RULES.get(key)
-        if rule is None:
-            continue
-        if key == "max_iters" and value is None and method is not None \
-                and not method.endswith("_adams"):
-            continue  # the implicit RK methods read None as their default (solvers/implicit.py)
-        ok, what, example = rule
-        if not ok(value):
-            raise E.InputError(f"{name}['{key}'] must be {what}, got {show(value)}; e.g. "
-                               f"{name}={{'{example.split('=')[0]}': "
-                               f"{example.split('=', 1)[1]}}}")
-    lo, hi = opts.get("min_step"), opts.get("max_step")
-    if lo is not None and hi is not None and real_number(lo) > real_number(hi):
-        raise E.InputError(f"{name}['min_step']={real_number(lo)!r} exceeds {name}['max_step']="
-                           f"{real_number(hi)!r}; the step size must fit between them")
-
-
-def time_list(v) -> list[float]:
-    """Sorted floats of a checked ``step_t``/``jump_t``."""
-    if isinstance(v, torch.Tensor):
-        v = v.detach().reshape(-1).tolist()
-    elif real_number(v) is not None:
-        v = [v]
-    elif hasattr(v, "__array__"):
-        v = torch.as_tensor(v).reshape(-1).tolist()
-    return sorted(float(x) for x in v)
-
-
-def check_fixed_grid(t: torch.Tensor, opts: Mapping) -> None:
-    """Hold a fixed grid to ``max_num_steps`` (default :data:`DEFAULT_MAX_NUM_STEPS`) before it
-    is built: its step count comes from ``t`` and ``step_size`` by arithmetic (the same as
-    :func:`pydiffbridge.solvers.fixed.make_grid`); a ``grid_constructor``'s grid is the
-    user's own and is not counted."""
-    if opts.get("grid_constructor") is not None:
-        return
-    limit = _integer(opts.get("max_num_steps", DEFAULT_MAX_NUM_STEPS))
-    step = opts.get("step_size")
-    if step is None:
-        n = t.numel() - 1
-        how = f"t has {t.numel()} times"
-    else:
-        t0, t1 = t[[0, -1]].tolist()
-        step = abs(float(step))
-        span = abs(t1 - t0)
-        n = max(1, math.ceil(span / step - 1e-9)) if span / step < 1e18 else math.inf
-        how = f"step_size={step:g} over |t[-1] - t[0]|={span:g}"
-    if n > limit:
-        count = f"{n:,}" if n != math.inf else "more than 1e18"
-        raise E.MaxStepsExceededError(
-            f"the fixed grid needs {count} steps ({how}), more than max_num_steps={limit:,}; "
-            "use a larger step_size (or fewer output times), an adaptive method such as "
-            "'dopri5', or raise options['max_num_steps'] if you mean it")
 
 
 # -- devices and memory -------------------------------------------------------------------
@@ -439,59 +266,3 @@ def check_not_meta(v, name: str) -> None:
         for i, x in enumerate(v):
             if isinstance(x, torch.Tensor) and x.device.type == "meta":
                 raise _meta_error(f"{name}[{i}]", x)
-
-
-def _gib(n_bytes: float) -> str:
-    return f"{n_bytes / 2**30:.3g} GiB" if n_bytes >= 2**28 else f"{n_bytes / 2**20:.3g} MiB"
-
-
-_OOM_TEXT = ("out of memory", "not enough memory", "can't allocate memory",
-             "cannot allocate memory", "failed to allocate", "unable to allocate")
-
-
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, E.PyDiffBridgeError):
-        return False
-    if isinstance(exc, E._OOM_BASES):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and any(s in text for s in _OOM_TEXT)
-
-
-@contextlib.contextmanager
-def memory_guard(shape, dtype: torch.dtype, n_times: int, device, batch: int | None = None
-                 ) -> Iterator[None]:
-    """Re-raise running out of memory inside the block as :class:`SolverMemoryError` with the
-    size asked for and what to try.  ``shape``: the state's shape (or a list of shapes)."""
-    try:
-        yield
-    except (MemoryError, RuntimeError) as exc:
-        if not _is_oom(exc):
-            raise
-        shapes = shape if isinstance(shape, list) else [shape]
-        numel = sum(math.prod(s) for s in shapes)
-        item = torch.empty((), dtype=dtype).element_size()
-        state = " + ".join(str(tuple(s)) for s in shapes)
-        per = f" ({batch} samples)" if batch is not None else ""
-        raise SolverMemoryError(
-            f"out of memory on {device} solving a state of {numel:,} elements{per}, shape "
-            f"{state}, {dtype}: {_gib(numel * item)} per copy of the state, "
-            f"{_gib(numel * item * n_times)} for the {n_times} output times alone, and each "
-            "step holds one copy per stage (more with autograd). Try a smaller batch (split "
-            "y0 along its batch dimension), float32, fewer output times, gradient='adjoint' "
-            f"(memory independent of the step count), or a device with more memory [{exc}]"
-        ) from exc
-
-
-# -- empty states -------------------------------------------------------------------------
-def empty_solution(y0_flat: torch.Tensor, t: torch.Tensor, also=(), n_times: int | None = None
-                   ) -> Solution:
-    """The solution of a state without elements: nothing to integrate, so no step and no
-    evaluation.  ``ys`` has shape ``(n_times, 0)`` (default ``len(t)``; the caller restores the
-    state's shape) and stays connected to ``y0`` (and to the tensors in ``also``: ``t``,
-    parameters) so that backward gives them zero gradients."""
-    ys = y0_flat.reshape(1, 0).expand(t.shape[0] if n_times is None else n_times, 0)
-    for x in also:
-        if isinstance(x, torch.Tensor) and x.requires_grad:
-            ys = ys + x.reshape(-1)[:0].sum().to(ys.dtype)
-    return Solution(ys=ys, ts=t, stats=Stats(), status=Status.SUCCESS)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from . import _validate as V
+from . import _resources as R
 from . import errors as E
 from ._prepare import (
     Prepared,
@@ -43,7 +43,8 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
     stage to stage: a ``func`` that keeps ``t`` or ``y`` beyond the call must clone them.
 
     Args:
-        gradient: a :class:`~pydiffbridge.GradientSettings` or its mode: ``"direct"`` backprop through the solver's operations (torch backend),
+        gradient: a :class:`~pydiffbridge.GradientSettings` or its mode: ``"direct"``
+            backprop through the solver's operations (torch backend),
             ``"adjoint"`` (O(1) memory, through the bridge autograd.Function, any backend),
             ``"checkpointed"`` (adjoint that re-solves forward from saved states: stable on
             dissipative problems), ``"interpolated"`` (interpolating adjoint: records the
@@ -89,7 +90,7 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
                 f"func is not an nn.Module: on backend {p.backend.name!r} gradients reach y0 and t"
                 " but no tensors captured by func; pass an nn.Module or use odeint_adjoint(..., "
                 "adjoint_params=...)", E.GradientWarning, stacklevel=3)
-    with V.memory_guard(list(p.tree.shapes), p.tree.dtype, p.t.numel(), p.tree.device):
+    with R.memory_guard(list(p.tree.shapes), p.tree.dtype, p.t.numel(), p.tree.device):
         if gradient == "direct" and not p.backend.supports_direct_grad:
             if torch.is_grad_enabled() and needs_grad(p, func, adjoint_params):
                 raise E.InputError(f"backend {p.backend.name!r} cannot backpropagate directly; "
@@ -129,7 +130,7 @@ def _empty_solve(p: Prepared, func, adjoint_params) -> Solution:
             also += adjoint_params_of(func, adjoint_params)
         except TypeError:
             pass
-    sol = V.empty_solution(p.y0, p.t, also)
+    sol = R.empty_solution(p.y0, p.t, also)
     sol.backend, sol.method = p.backend.name, p.method
     return sol
 

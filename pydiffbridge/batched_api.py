@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from . import _options as O
+from . import _resources as R
 from . import _validate as V
 from . import errors as E
 from ._prepare import FUNC_SIGNATURE, STATUS_ERRORS, adjoint_params_of
@@ -75,12 +77,12 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
     if meth not in ADAPTIVE_METHODS:
         raise E.InputError(f"batch_dims gives per-sample adaptive steps; method {meth!r} is "
                            f"fixed-step (one grid for all samples): drop batch_dims for it")
-    opts = V.check_options_arg(options)
+    opts = O.check_options_arg(options)
     bad = sorted(set(opts) - BATCHED_OPTIONS)
     if bad:
         raise E.UnknownOptionError(f"option(s) {bad} not supported with batch_dims; accepted: "
                                    f"{', '.join(sorted(BATCHED_OPTIONS))}")
-    V.check_option_values(opts)
+    O.check_option_values(opts)
     V.check_tolerance(rtol, "rtol")
     V.check_tolerance(atol, "atol")
     t = torch.as_tensor(t, device=flat0.device)
@@ -148,7 +150,7 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
         gradient = "direct"
     rtol_v, atol_v = tol(rtol, "rtol"), tol(atol, "atol")
     V.check_tolerance_pair(rtol_v, atol_v)
-    with V.memory_guard(shapes, flat0.dtype, tb.shape[1], flat0.device, batch=B):
+    with R.memory_guard(shapes, flat0.dtype, tb.shape[1], flat0.device, batch=B):
         if gradient == "direct":
             sol = solve_batched(f, flat0, tb, TABLEAUS[meth], rtol_v, atol_v, opts, parts,
                                 tdtype)
@@ -193,7 +195,7 @@ def _empty(flat0: torch.Tensor, t: torch.Tensor, tb: torch.Tensor, bshape, rests
             also += adjoint_params_of(func, adjoint_params)
         except TypeError:
             pass
-    flat = V.empty_solution(flat0.reshape(-1), t, also, n_times=m).ys.reshape(m, B, sum(sizes))
+    flat = R.empty_solution(flat0.reshape(-1), t, also, n_times=m).ys.reshape(m, B, sum(sizes))
     pieces = torch.split(flat, sizes, 2)
     out = tuple(p.reshape(m, *bshape, *r) for p, r in zip(pieces, rests, strict=True))
     zeros = torch.zeros(bshape, dtype=torch.long, device=flat0.device)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import _options as O
 from . import _validate as V
 from .backends._marshal import to_numpy, to_torch
 from .backends.julia import retcode_status
@@ -94,7 +95,7 @@ def solve_ensemble(rhs: str, y0s: torch.Tensor, t, *, params: torch.Tensor | Non
             raise InputError(f"solve_ensemble: {name} must be a number, got {V.show(v)}")
         V.check_tolerance(v, name)
     V.check_tolerance_pair(float(rtol), float(atol))
-    if not V.is_positive_int(max_num_steps):
+    if not O.is_positive_int(max_num_steps):
         raise InputError(f"solve_ensemble: max_num_steps must be a positive integer, got "
                          f"{V.show(max_num_steps)}; e.g. max_num_steps=100000")
     dev = str(device)

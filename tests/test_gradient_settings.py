@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import pydiffbridge as pdb
-from pydiffbridge import GradientSettings, errors as E
+from pydiffbridge import GradientSettings
+from pydiffbridge import errors as E
 
 D = torch.float64
 

@@ -13,7 +13,7 @@ ROOT = pathlib.Path(pydiffbridge.__file__).parent
 
 # (rank, module-name prefixes); a module takes the rank of its longest matching prefix
 LAYERS = [
-    (0, ["errors", "solution", "_validate", "checkpoint"]),
+    (0, ["errors", "solution", "_validate", "_options", "_resources", "checkpoint"]),
     (1, ["solvers"]),
     (2, ["backends", "_julia"]),
     (3, ["gradients"]),

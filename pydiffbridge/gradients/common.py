@@ -126,9 +126,9 @@ def adjoint_options(p: Any, method: str, opts: dict) -> dict:
 
 def event_time(p: Any, T: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable event time by the implicit function theorem (see
-    :mod:`~pydiffbridge.gradients.bridge`): value ``T``, derivative ``-(dg/dθ) / (dg/dt)``.  ``event_fn``
-    is called as :func:`~pydiffbridge.solvers.events.call_event` calls it (autograd works
-    through its ``t`` and ``y``); one whose value depends on neither nor on any parameter
+    :mod:`~pydiffbridge.gradients.bridge`): value ``T``, derivative ``-(dg/dθ) / (dg/dt)``.
+    ``event_fn`` is called as :func:`~pydiffbridge.solvers.events.call_event` calls it
+    (autograd works through its ``t`` and ``y``); one whose value depends on neither nor on any parameter
     (``zeros_like(t)``) gives a constant event time, as torchdiffeq's zero vjp does."""
     from ..solvers.events import call_event
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .. import _options as O
 from .. import _validate as V
 from .. import errors as E
 
@@ -47,7 +48,7 @@ class GradientSettings:
             if v is not None:  # checked here even where no adjoint ends up running
                 V.check_tolerance(v, name)
         if self.options is not None:
-            V.check_option_values(V.check_options_arg(self.options, "adjoint_options"),
+            O.check_option_values(O.check_options_arg(self.options, "adjoint_options"),
                                   "adjoint_options")
         V.check_method_arg(self.method)
 
