@@ -128,8 +128,8 @@ def event_time(p: Any, T: torch.Tensor, ys: torch.Tensor) -> tuple[torch.Tensor,
     """Differentiable event time by the implicit function theorem (see
     :mod:`~pydiffbridge.gradients.bridge`): value ``T``, derivative ``-(dg/dθ) / (dg/dt)``.
     ``event_fn`` is called as :func:`~pydiffbridge.solvers.events.call_event` calls it
-    (autograd works through its ``t`` and ``y``); one whose value depends on neither nor on any parameter
-    (``zeros_like(t)``) gives a constant event time, as torchdiffeq's zero vjp does."""
+    (autograd works through its ``t`` and ``y``); one whose value depends on neither nor on any
+    parameter (``zeros_like(t)``) gives a constant event time, as torchdiffeq's zero vjp does."""
     from ..solvers.events import call_event
 
     T = T.detach().to(p.t.dtype)
