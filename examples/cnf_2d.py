@@ -25,6 +25,14 @@ Examples::
     python examples/cnf_2d.py --data moons --iters 300
     python examples/cnf_2d.py --data 8gaussians --trace hutchinson --kinetic 0.05
     python examples/cnf_2d.py --data moons --compare-planar --planar-width 20
+    torchrun --nproc_per_node=2 examples/cnf_2d.py --data moons --iters 300
+
+Under ``torchrun --nproc_per_node=N`` (gloo on CPU, nccl on CUDA) each iteration's batch of
+``--batch-size`` points is split over the processes and the model is wrapped in
+DistributedDataParallel: N processes train on the same batches, with the same loss, as one
+process does (except for the Hutchinson noise, drawn per process).  NFE are means over the
+processes per iteration (``nfe_*_max`` in the checkpoint's history: the slowest one); rank 0
+alone evaluates, writes outputs and checkpoints, and ``--resume`` works with any N.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,29 +52,26 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-from pydiffbridge.backends.base import get_backend  # noqa: E402
-from pydiffbridge.checkpoint import (  # noqa: E402
-    load_checkpoint,
-    save_checkpoint,
-    write_json_atomic,
-    write_text_atomic,
-)
+from pydiffbridge import distributed as D  # noqa: E402
+from pydiffbridge.checkpoint import write_json_atomic, write_text_atomic  # noqa: E402
 from pydiffbridge.cli import (  # noqa: E402
     comma_list,
     int_at_least,
     nonneg_float,
-    nonneg_int,
-    output_dir,
     positive_float,
     positive_int,
     tolerance,
 )
-from pydiffbridge.errors import PyDiffBridgeError  # noqa: E402
 from pydiffbridge.nn.cnf import CNF, ConcatSquashMLP  # noqa: E402
 from pydiffbridge.nn.planar import PlanarCNF, PlanarFlow, planar_cnf_params  # noqa: E402
 from pydiffbridge.nn.toy2d import TOY_DATASETS, sample_toy  # noqa: E402
+
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:  # the examples' _*.py helpers, also when imported from elsewhere
+    sys.path.insert(0, HERE)
+
+import _common as C  # noqa: E402
 
 LIM = 4.0  # plotting window [-LIM, LIM]^2
 
@@ -119,57 +125,77 @@ def batched_log_prob(model: nn.Module, x: torch.Tensor, bs: int = 2000) -> tuple
 
 
 # ----------------------------------------------------------------------------- training
-def train(kind: str, args: argparse.Namespace, out: Path) -> dict:
+def train(kind: str, args: argparse.Namespace, out: Path) -> dict | None:
+    """Train (or resume) one model; its results row on rank 0 (None on the other ranks)."""
     torch.manual_seed(args.seed)
     model = build(kind, args)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     ckpt_path = out / f"ckpt_{kind}.pt"
     start, history, elapsed = 0, [], 0.0
-    ck, src = load_checkpoint(ckpt_path, missing_ok=True, return_path=True) if args.resume \
-        else (None, None)
+    ck, src = C.resume(ckpt_path, args.resume)
     if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         start, history, elapsed = ck["iter"], ck["history"], ck["train_time_s"]
-        torch.set_rng_state(ck["rng"])
-        print(f"[{kind}] resumed from {src} at iteration {start}")
+        torch.set_rng_state(ck["rng"])  # rank 0's stream (it wrote the checkpoint)
+        C.log(f"[{kind}] resumed from {src} at iteration {start}")
+    C.decorrelate_rng(args.seed, start)  # own Hutchinson noise on ranks > 0
+    cnf = isinstance(model, CNF)
+    log_prob = C.wrap(model, "log_prob")  # DDP with several processes
 
     def save(it: int) -> None:
-        save_checkpoint({"model": model.state_dict(), "opt": opt.state_dict(), "iter": it,
-                         "history": history, "train_time_s": elapsed,
-                         "rng": torch.get_rng_state(), "args": vars(args)}, ckpt_path)
+        C.save({"model": model.state_dict(), "opt": opt.state_dict(), "iter": it,
+                "history": history, "train_time_s": elapsed, "rng": torch.get_rng_state(),
+                "args": vars(args), "world_size": D.get_world_size()}, ckpt_path)
 
     iters = args.nf_iters if (kind == "planar-nf" and args.nf_iters) else args.iters
-    bar = tqdm(range(start, iters), desc=f"{kind} ({args.data})", initial=start,
-               total=iters, dynamic_ncols=True)
+    bar = C.progress(range(start, iters), f"{kind} ({args.data})", args.no_progress,
+                     initial=start, total=iters, dynamic_ncols=True)
+    mine = C.shard(args.batch_size) if D.is_distributed() else None
+    scale = C.loss_scale(len(mine), args.batch_size) if mine else 1.0
     for it in bar:
         x = sample_toy(args.data, args.batch_size, seed=args.seed * 10_000_000 + it)
+        x = x if mine is None else x[mine]  # this process's share of the global batch
         t0 = time.perf_counter()
         nfe_f = nfe_b = 0
-        if isinstance(model, CNF):
+        if cnf:
             model.reset_nfe()
-            logp, regs = model.log_prob(x, return_regularization=True)
+            logp, regs = log_prob(x, return_regularization=True)
             nll = -logp.mean()
             loss = nll + model.regularization_loss(regs)
             nfe_f = model.last_nfe
         else:
-            nll = -model.log_prob(x).mean()
+            nll = -log_prob(x).mean()
             loss = nll
+        if mine is not None:  # DDP averages over ranks: make it the global batch's loss
+            loss, nll = loss * scale, nll * scale
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if isinstance(model, CNF):
+        if cnf:
             nfe_b = model.total_nfe - nfe_f
         step_time = time.perf_counter() - t0
         elapsed += step_time
-        history.append({"iter": it + 1, "nll": nll.item(), "loss": float(loss.detach()),
-                        "nfe_forward": nfe_f, "nfe_backward": nfe_b, "time_s": step_time})
-        bar.set_postfix(nll=f"{nll.item():.3f}", nfe=f"{nfe_f}/{nfe_b}")
+        st = C.step_stats({"nll": nll.item(), "loss": float(loss.detach())},
+                          {"nfe_forward": nfe_f, "nfe_backward": nfe_b})
+        history.append({"iter": it + 1, **st, "time_s": step_time})
+        bar.set_postfix(nll=f"{st['nll']:.3f}", nfe=f"{st['nfe_forward']}/{st['nfe_backward']}")
         if (it + 1) % args.save_every == 0 and it + 1 < iters:
             save(it + 1)
     if start < iters:  # (a resumed run already past --iters keeps its checkpoint)
         save(iters)
-    return evaluate(kind, model, history, elapsed, args, out)
+    if not C.is_main():  # rank 0 evaluates (on all the test points) and writes outputs
+        return None
+    row = evaluate(kind, model, history, elapsed, args, out)
+    row["world_size"] = D.get_world_size()
+    row["samples_per_s"] = (len(history) * args.batch_size / elapsed if elapsed > 0
+                            else math.nan)
+    if D.is_distributed():
+        tail = history[-max(1, len(history) // 10):]
+        for key in ("nfe_forward", "nfe_backward"):
+            vals = [h.get(f"{key}_max", h[key]) for h in tail]
+            row[f"{key}_max_last10pct"] = float(np.mean(vals))
+    return row
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -257,7 +283,9 @@ def write_results(results: list[dict], args: argparse.Namespace, out: Path) -> N
              f"{args.iters} iterations (planar NF: {args.nf_iters or args.iters}), batch "
              f"{args.batch_size}, lr {args.lr}, solver "
              f"{args.method} tol {args.tol} ({args.gradient} gradients), test set "
-             f"{args.n_test} points evaluated at tol {args.eval_tol} with exact trace.", "",
+             f"{args.n_test} points evaluated at tol {args.eval_tol} with exact trace."
+             + (f" {D.get_world_size()} processes (torchrun), each on its share of the batch;"
+                " NFE are means over them." if D.is_distributed() else ""), "",
              "| model | trace | params | test log-lik (nats) | NFE fwd | NFE bwd | "
              "train time (s) | s/iter |",
              "|---|---|---|---|---|---|---|---|"]
@@ -272,14 +300,6 @@ def write_results(results: list[dict], args: argparse.Namespace, out: Path) -> N
     write_text_atomic("\n".join(lines), out / "results.md")
 
 
-def _method(text: str) -> str:
-    try:
-        get_backend("torch").resolve_method(text)
-    except PyDiffBridgeError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -290,12 +310,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jacobian", type=nonneg_float, default=0.0,
                    help="Jacobian-Frobenius weight")
     p.add_argument("--iters", type=positive_int, default=400)
-    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--batch-size", type=positive_int, default=256,
+                   help="points per iteration, over all processes under torchrun")
     p.add_argument("--lr", type=positive_float, default=5e-3)
     p.add_argument("--hidden", type=comma_list(positive_int), default="64,64,64",
                    help="MLP widths, comma separated")
     p.add_argument("--activation", default="tanh", choices=("tanh", "softplus", "elu", "swish"))
-    p.add_argument("--method", type=_method, default="dopri5")
+    p.add_argument("--method", type=C.method_type(), default="dopri5")
     p.add_argument("--tol", type=tolerance, default=1e-4, help="training rtol = atol")
     p.add_argument("--eval-tol", type=tolerance, default=1e-5)
     p.add_argument("--gradient", choices=("adjoint", "direct"), default="adjoint")
@@ -308,16 +329,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-test", type=positive_int, default=5000)
     p.add_argument("--n-samples", type=positive_int, default=5000)
     p.add_argument("--grid", type=int_at_least(2), default=100, help="density grid resolution")
-    p.add_argument("--save-every", "--ckpt-every", dest="save_every", type=positive_int,
-                   default=50, metavar="N",
-                   help="checkpoint every N iterations and at the end (the one before is kept "
-                   "as ckpt_<model>.pt.prev)")
-    p.add_argument("--seed", type=nonneg_int, default=0)
-    p.add_argument("--resume", action="store_true",
-                   help="continue from checkpoints in --out (from the previous one if the "
-                   "latest is unreadable)")
-    p.add_argument("--out", type=output_dir, default=None,
-                   help="output dir (default runs/cnf_2d/<config>)")
+    C.add_run_args(p, save_every=50, unit="iterations", prev="ckpt_<model>.pt", out=None,
+                   out_help="output dir (default runs/cnf_2d/<config>)")
     return p.parse_args(argv)
 
 
@@ -327,10 +340,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
         tag = "planar" if args.compare_planar else args.trace
         tag += f"_kin{args.kinetic:g}" if args.kinetic else ""
         args.out = str(Path("runs") / "cnf_2d" / f"{args.data}_{tag}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with C.distributed(device="cpu"):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> list[dict]:
+    out = C.make_out(args.out)
     kinds = ["planar-nf", "planar-cnf"] if args.compare_planar else ["cnf"]
     results = [train(kind, args, out) for kind in kinds]
+    if not C.is_main():
+        return []
     write_results(results, args, out)
     for r in results:
         print(f"{r['model']:>10s} {r['data']}: test log-lik {r['test_ll']:.3f} ± "

@@ -29,12 +29,22 @@ Examples::
     python examples/latent_ode.py                      # spirals and sunspots, defaults
     python examples/latent_ode.py --data spirals --iters 800 --encoder odernn
     python examples/latent_ode.py --data elnino --gradient adjoint --iters 300
+    torchrun --nproc_per_node=2 examples/latent_ode.py --data spirals
+
+Under ``torchrun --nproc_per_node=N`` (gloo) every process draws the same batch of
+``--batch-size`` series and the same conditioning subsets, takes its share of the series and
+trains the model wrapped in DistributedDataParallel, with the loss scaled so that the ranks'
+averaged gradient is that of the whole batch's loss (the reparameterisation noise is drawn
+per process).  NFE are means over the processes (``nfe_*_max`` in the checkpoints: the
+slowest one); rank 0 alone evaluates, writes outputs and checkpoints, and ``--resume`` works
+with any N.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -44,25 +54,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
-from pydiffbridge.backends.base import BACKEND_NAMES, get_backend  # noqa: E402
-from pydiffbridge.checkpoint import (  # noqa: E402
-    load_checkpoint,
-    save_checkpoint,
-    write_json_atomic,
-    write_text_atomic,
-)
+from pydiffbridge import distributed as D  # noqa: E402
+from pydiffbridge.backends.base import BACKEND_NAMES  # noqa: E402
+from pydiffbridge.checkpoint import write_json_atomic, write_text_atomic  # noqa: E402
 from pydiffbridge.cli import (  # noqa: E402
     fraction,
     nonneg_float,
     nonneg_int,
-    output_dir,
     positive_float,
     positive_int,
     tolerance,
 )
-from pydiffbridge.errors import PyDiffBridgeError  # noqa: E402
 from pydiffbridge.nn.latent import (  # noqa: E402
     LatentODE,
     RNNBaseline,
@@ -82,6 +85,12 @@ from pydiffbridge.nn.timeseries import (  # noqa: E402
     spiral_points,
     split_at,
 )
+
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:  # the examples' _*.py helpers, also when imported from elsewhere
+    sys.path.insert(0, HERE)
+
+import _common as C  # noqa: E402
 
 # real series: (window length, end of conditioning window, stride, last time of training span)
 REAL = {"sunspots": (4.0, 3.0, 0.1, 22.0), "elnino": (4.0, 3.0, 0.25, 45.0),
@@ -121,43 +130,63 @@ def build(kind: str, args: argparse.Namespace) -> nn.Module:
 
 def train_model(kind: str, model: nn.Module, train: list[TimeSeries], t_split: float,
                 args: argparse.Namespace, ckpt: Path) -> dict:
-    """Adam on minibatches; checkpoints every ``--save-every`` iterations and at the end."""
+    """Adam on minibatches; checkpoints every ``--save-every`` iterations and at the end.
+    Under torchrun each rank trains on its share of every (global) batch."""
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     state = {"iter": 0, "train_time": 0.0, "losses": [], "nfe_fwd": [], "nfe_total": []}
-    saved, src = load_checkpoint(ckpt, missing_ok=True, return_path=True) if args.resume \
-        else (None, None)
+    saved, src = C.resume(ckpt, args.resume)
     if saved is not None:
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
-        print(f"{args.current}/{kind}: resumed from {src} at iteration {state['iter']}")
+        C.log(f"{args.current}/{kind}: resumed from {src} at iteration {state['iter']}")
+    C.decorrelate_rng(args.seed, state["iter"])  # own z0 noise on ranks > 0
+    # DDP with several processes; the GRU encoder keeps an ODE function it never calls
+    loss_fn = C.wrap(model, "loss", find_unused_parameters=(kind == "latent"
+                                                            and args.encoder == "rnn"))
+    dist = D.is_distributed()
+    if dist:
+        C.shard(min(args.batch_size, len(train)))  # fail fast if a batch cannot be shared
     g = torch.Generator().manual_seed(args.seed + 1000 * state["iter"])
-    bar = tqdm(range(state["iter"], args.iters), desc=f"{args.current}/{kind}", leave=False)
+    bar = C.progress(range(state["iter"], args.iters), f"{args.current}/{kind}",
+                     args.no_progress, leave=False)
     for it in bar:
         t0 = time.perf_counter()
         idx = torch.randperm(len(train), generator=g)[: args.batch_size]
         batch = collate([train[int(i)] for i in idx])
         keep = 0.5 + 0.5 * float(torch.rand((), generator=g))
         cond = random_split(split_at(batch, t_split)[0], keep, g)[0].select(slice(None))
+        scale = 1.0
+        if dist:  # this rank's series; the loss is a mean over observed target entries
+            mine = torch.tensor(C.shard(len(idx)))
+            n_all = float(batch.mask.sum())
+            batch, cond = batch.select(mine), cond.select(mine)
+            scale = C.loss_scale(float(batch.mask.sum()), n_all)
         if kind == "latent":
             model.reset_nfe()
             kl_w = min(1.0, (it + 1) / args.kl_anneal) if args.kl_anneal > 0 else 1.0
-            loss = model.loss(cond, batch, n_samples=1, kl_weight=kl_w)
-            state["nfe_fwd"].append(sum(model.nfe().values()))
+            loss = loss_fn(cond, batch, n_samples=1, kl_weight=kl_w)
+            nfe_fwd = sum(model.nfe().values())
         else:
-            loss = model.loss(cond, batch)
+            loss = loss_fn(cond, batch)
+        if dist:
+            loss = loss * scale
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if kind == "latent":
-            state["nfe_total"].append(sum(model.nfe().values()))
+        nfe = ({"nfe_fwd": nfe_fwd, "nfe_total": sum(model.nfe().values())}
+               if kind == "latent" else None)
+        st = C.step_stats({"loss": float(loss.detach())}, nfe)
+        for key in ("nfe_fwd", "nfe_total", "nfe_fwd_max", "nfe_total_max"):
+            if key in st:
+                state.setdefault(key, []).append(st[key])
         state["train_time"] += time.perf_counter() - t0
-        state["losses"].append(float(loss.detach()))
+        state["losses"].append(st["loss"])
         state["iter"] = it + 1
         bar.set_postfix(loss=f"{state['losses'][-1]:.3f}")
         if state["iter"] % args.save_every == 0 or state["iter"] == args.iters:
-            save_checkpoint({"model": model.state_dict(), "opt": opt.state_dict(),
-                             "state": state}, ckpt)
+            C.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state,
+                    "world_size": D.get_world_size()}, ckpt)
     return state
 
 
@@ -246,17 +275,6 @@ def write_results(out: Path, results: dict, args: argparse.Namespace) -> None:
     write_text_atomic("\n".join(lines) + "\n", out / "results.md")
 
 
-def _method(backend_arg: str = "torch"):
-    def parse(text: str) -> str:
-        try:
-            get_backend(backend_arg).resolve_method(text)
-        except PyDiffBridgeError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-        return text
-
-    return parse
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -264,7 +282,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    choices=["spirals", *REAL])
     p.add_argument("--iters", type=positive_int, default=300,
                    help="training iterations per model")
-    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32,
+                   help="series per iteration, over all processes under torchrun")
     p.add_argument("--lr", type=positive_float, default=1e-2)
     p.add_argument("--hidden", type=positive_int, default=64, help="width of all hidden layers")
     p.add_argument("--latent-dim", type=positive_int, default=4)
@@ -288,19 +307,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-test", type=positive_int, default=64, help="spirals for testing")
     p.add_argument("--keep", type=fraction, default=0.6,
                    help="real series: fraction of points kept at random in each window")
-    p.add_argument("--seed", type=nonneg_int, default=0)
-    p.add_argument("--save-every", "--ckpt-every", dest="save_every", type=positive_int,
-                   default=50, metavar="N",
-                   help="checkpoint every N iterations and at the end (the one before is kept "
-                   "as <checkpoint>.prev)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from checkpoints in --out (from the previous one if the "
-                   "latest is unreadable)")
-    p.add_argument("--out", type=output_dir, default="runs/latent_ode")
+    C.add_run_args(p, save_every=50, unit="iterations", prev="<checkpoint>",
+                   out="runs/latent_ode")
     args = p.parse_args(argv)
     for flag, method in (("--method", args.method), ("--encoder-method", args.encoder_method)):
         try:
-            _method(args.backend)(method)
+            C.method_type(args.backend)(method)
         except argparse.ArgumentTypeError as exc:
             p.error(f"argument {flag}: {exc}")
     return args
@@ -308,8 +320,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with C.distributed(device="cpu"):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> dict:
+    out = C.make_out(args.out)
     results = {}
     for name in args.data:
         torch.manual_seed(args.seed)
@@ -321,22 +337,33 @@ def main(argv: list[str] | None = None) -> dict:
             torch.manual_seed(args.seed)
             model = build(kind, args)
             st = train_model(kind, model, train, t_split, args, out / f"ckpt_{name}_{kind}.pt")
+            if not C.is_main():  # rank 0 evaluates and writes outputs
+                continue
             model.eval()
             metrics = evaluate(model, test, t_split, args)
             nfe = st["nfe_fwd"][-50:], st["nfe_total"][-50:]
             res[kind] = {**metrics, "train_time": st["train_time"], "iters": st["iter"],
                          "nfe_fwd": sum(nfe[0]) / len(nfe[0]) if nfe[0] else None,
                          "nfe_total": sum(nfe[1]) / len(nfe[1]) if nfe[1] else None,
-                         "final_loss": st["losses"][-1] if st["losses"] else math.nan}
+                         "final_loss": st["losses"][-1] if st["losses"] else math.nan,
+                         "world_size": D.get_world_size(),
+                         "samples_per_s": (st["iter"] * min(args.batch_size, len(train))
+                                           / st["train_time"] if st["train_time"] > 0
+                                           else math.nan)}
+            for key in ("nfe_fwd_max", "nfe_total_max"):
+                if st.get(key):
+                    res[kind][key] = sum(st[key][-50:]) / len(st[key][-50:])
             models[kind] = model
             print(f"{name:9s} {kind:6s} extrap MSE {metrics['extrap_mse']:.4f}  interp MSE "
                   f"{metrics['interp_mse']:.4f}  train {st['train_time']:.1f}s")
+        if not C.is_main():
+            continue
         fig_path = out / f"{name}.png"
         figure(name, models, test, t_split, t_end, info, fig_path, args)
         results[name] = {"models": res, "figure": fig_path.name, "n_train": len(train),
                          "n_test": len(test), "t_split": t_split, "t_end": t_end}
         write_results(out, results, args)
-    print(f"results: {out / 'results.md'}")
+    C.log(f"results: {out / 'results.md'}")
     return results
 
 

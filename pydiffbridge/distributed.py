@@ -2,7 +2,8 @@
 
 Why DDP works with the adjoint
 ------------------------------
-The adjoint bridge (:mod:`pydiffbridge.adjoint`) is one ``torch.autograd.Function`` whose inputs
+The adjoint bridge (:mod:`pydiffbridge.gradients.bridge`) is one ``torch.autograd.Function``
+whose inputs
 include the parameters to differentiate (``adjoint_params``, by default the parameters of the
 ``func`` module).  Its ``backward`` returns ``dL/dθ`` as the gradients of those inputs, so
 autograd accumulates them into ``θ.grad`` through the parameters' ordinary ``AccumulateGrad``
@@ -79,6 +80,8 @@ __all__ = [
     "shard_indices",
     "global_count",
     "mean_across_ranks",
+    "reduce_across_ranks",
+    "barrier",
     "wrap_ddp",
     "unwrap",
     "check_func",
@@ -219,6 +222,34 @@ def mean_across_ranks(x: torch.Tensor | float) -> float:
     v = torch.tensor([val], dtype=torch.float64, device=_device_for_collectives())
     dist.all_reduce(v, op=dist.ReduceOp.SUM)
     return float(v.item()) / dist.get_world_size()
+
+
+def reduce_across_ranks(values: Sequence[float], op: str = "sum") -> list[float]:
+    """Element-wise ``"sum"``, ``"mean"``, ``"max"`` or ``"min"`` over ranks of a few numbers,
+    in one collective (every rank must call it with as many values); in a single process the
+    values themselves (as floats).  E.g. one call per training step for the step's loss and
+    NFE counts, so that every rank logs (and checkpoints) the same global statistics.
+    """
+    ops = {"sum": "SUM", "mean": "SUM", "max": "MAX", "min": "MIN"}
+    if op not in ops:
+        raise ValueError(f"reduce_across_ranks(op={op!r}): use one of {sorted(ops)}")
+    vals = [float(v.detach()) if isinstance(v, torch.Tensor) else float(v) for v in values]
+    if not is_distributed() or not vals:
+        return vals
+    v = torch.tensor(vals, dtype=torch.float64, device=_device_for_collectives())
+    dist.all_reduce(v, op=getattr(dist.ReduceOp, ops[op]))
+    out = [float(x) for x in v.cpu()]
+    return [x / dist.get_world_size() for x in out] if op == "mean" else out
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing in a single process), e.g. after rank 0 alone downloaded
+    a data set that the others then read."""
+    if is_distributed():
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
 
 
 def wrap_ddp(model: nn.Module, device: torch.device | None = None, **ddp_kwargs: Any
