@@ -1,4 +1,5 @@
-"""Plumbing shared by the training examples (``odenet_mnist``, ``cnf_2d``, ``latent_ode``).
+"""Plumbing shared by the training examples (``odenet_mnist``, ``cnf_2d``, ``latent_ode``,
+``fit_parameters``, ``ude``).
 
 Not an example itself (hence the leading underscore): the command-line flags every training
 example has, the progress bar, checkpoint/resume, and the multi-process (DDP) setup.
@@ -29,7 +30,12 @@ from tqdm import tqdm
 
 from pydiffbridge import distributed as D
 from pydiffbridge.backends.base import get_backend
-from pydiffbridge.checkpoint import load_checkpoint, save_checkpoint
+from pydiffbridge.checkpoint import (
+    load_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+    write_text_atomic,
+)
 from pydiffbridge.cli import nonneg_int, output_dir, positive_int
 from pydiffbridge.errors import PyDiffBridgeError
 
@@ -39,15 +45,18 @@ RESUME_HELP = ("continue from checkpoints in --out (from the previous one if the
 
 # ----------------------------------------------------------------------------- flags
 def add_run_args(p: argparse.ArgumentParser, *, save_every: int, unit: str, prev: str,
-                 out: str | None, out_help: str | None = None) -> None:
+                 out: str | None, out_help: str | None = None, dest: str = "save_every",
+                 zero_ok: bool = False) -> None:
     """``--seed``, ``--save-every``/``--ckpt-every``, ``--resume``, ``--out``,
-    ``--no-progress``: the flags of every training example."""
+    ``--no-progress``: the flags of every training example.  The interval is stored as
+    ``dest``; with ``zero_ok``, ``0`` means "only at the end"."""
     p.add_argument("--seed", type=nonneg_int, default=0)
     end = "after the last" if unit == "epochs" else "at the end"
-    p.add_argument("--save-every", "--ckpt-every", dest="save_every", type=positive_int,
-                   default=save_every, metavar="N",
-                   help=f"checkpoint every N {unit} and {end} (the one before is kept as "
-                   f"{prev}.prev; rank 0 writes them)")
+    zero = "; 0: only at the end" if zero_ok else ""
+    p.add_argument("--save-every", "--ckpt-every", dest=dest,
+                   type=nonneg_int if zero_ok else positive_int, default=save_every,
+                   metavar="N", help=f"checkpoint every N {unit} and {end} (the one before is "
+                   f"kept as {prev}.prev; rank 0 writes them){zero}")
     p.add_argument("--resume", action="store_true", help=RESUME_HELP)
     p.add_argument("--out", type=output_dir, default=out, help=out_help)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -164,6 +173,13 @@ def save(obj: Any, path: Path) -> None:
     """Atomic checkpoint (:func:`pydiffbridge.checkpoint.save_checkpoint`), by rank 0 only."""
     if D.is_main_process():
         save_checkpoint(obj, path)
+
+
+def write_report(out: Path, results: Any, lines: list[str], **json_kwargs: Any) -> None:
+    """``out/results.json`` (strict JSON, :func:`~pydiffbridge.checkpoint.write_json_atomic`
+    with ``json_kwargs``) and ``out/results.md`` (the Markdown ``lines``), both atomic."""
+    write_json_atomic(results, out / "results.json", **json_kwargs)
+    write_text_atomic("\n".join(lines) + "\n", out / "results.md")
 
 
 def make_out(path: str | Path) -> Path:

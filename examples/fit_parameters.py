@@ -45,92 +45,29 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 from pydiffbridge import distributed as D  # noqa: E402
 from pydiffbridge import odeint  # noqa: E402
-from pydiffbridge.checkpoint import (  # noqa: E402
-    load_checkpoint,
-    save_checkpoint,
-    write_json_atomic,
-    write_text_atomic,
+from pydiffbridge.fit import FitState, Observations, Trajectories, fit  # noqa: E402
+
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:  # the examples' _*.py helpers, also when imported from elsewhere
+    sys.path.insert(0, HERE)
+
+import _common as C  # noqa: E402
+import _sciml_fit as S  # noqa: E402
+from _sciml_models import (  # noqa: E402, F401  (re-exported for tests and users)
+    MODELS,
+    SIR,
+    T_END,
+    LotkaVolterra,
+    parametric_data,
+    simulate_truth,
 )
-from pydiffbridge.errors import BackendUnavailableError  # noqa: E402
-from pydiffbridge.fit import (  # noqa: E402
-    FitConfig,
-    FitState,
-    Observations,
-    Trajectories,
-    fit,
-    make_observations,
-)
 
-
-class LotkaVolterra(nn.Module):
-    """``x' = αx - βxy``, ``y' = δxy - γy`` with θ = exp(log_theta) = (α, β, δ, γ)."""
-
-    names = ("alpha", "beta", "delta", "gamma")
-    truth = (1.5, 1.0, 1.0, 3.0)
-    states = ("prey x", "predator y")
-
-    def __init__(self, theta: torch.Tensor) -> None:
-        super().__init__()
-        self.log_theta = nn.Parameter(torch.log(theta))
-
-    def forward(self, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        a, b, d, g = torch.exp(self.log_theta)
-        x, y = u[..., 0], u[..., 1]
-        return torch.stack([a * x - b * x * y, d * x * y - g * y], dim=-1)
-
-    @staticmethod
-    def initial_states(n: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-        return 0.5 + 1.5 * torch.rand(n, 2, generator=gen, dtype=dtype)
-
-
-class SIR(nn.Module):
-    """``S' = -βSI``, ``I' = βSI - γI``, ``R' = γI`` (population fractions), θ = (β, γ)."""
-
-    names = ("beta", "gamma")
-    truth = (0.8, 0.25)
-    states = ("S", "I", "R")
-
-    def __init__(self, theta: torch.Tensor) -> None:
-        super().__init__()
-        self.log_theta = nn.Parameter(torch.log(theta))
-
-    def forward(self, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        b, g = torch.exp(self.log_theta)
-        s, i = u[..., 0], u[..., 1]
-        inf, rec = b * s * i, g * i
-        return torch.stack([-inf, inf - rec, rec], dim=-1)
-
-    @staticmethod
-    def initial_states(n: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-        i0 = 0.01 + 0.09 * torch.rand(n, generator=gen, dtype=dtype)
-        return torch.stack([1 - i0, i0, torch.zeros_like(i0)], dim=-1)
-
-
-MODELS = {"lv": LotkaVolterra, "sir": SIR}
-T_END = {"lv": 6.0, "sir": 25.0}
-
-
-def simulate_truth(model_cls, theta: torch.Tensor):
-    rhs = model_cls(theta)
-
-    def sim(y0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return odeint(rhs, y0, t, method="dopri8", rtol=1e-11, atol=1e-12)
-
-    return sim
-
-
-def make_data(args: argparse.Namespace) -> Observations:
-    cls = MODELS[args.model]
-    dtype = torch.float64
-    gen = torch.Generator().manual_seed(args.seed)
-    y0 = cls.initial_states(args.series, gen, dtype)
-    truth = torch.tensor(cls.truth, dtype=dtype)
-    return make_observations(simulate_truth(cls, truth), y0, args.t_end, args.times, args.keep,
-                             args.noise, gen)
+KEY = ("model", "backend", "method", "gradient", "series", "same_noise", "rtol", "atol",
+       "times", "keep", "t_end", "noise", "seed", "init_low",
+       "init_high")  # not restarts: --resume may add some
 
 
 def initial_guess(args: argparse.Namespace, k: int) -> torch.Tensor:
@@ -141,13 +78,13 @@ def initial_guess(args: argparse.Namespace, k: int) -> torch.Tensor:
     return torch.exp(lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64))
 
 
-def check_backend(args: argparse.Namespace, obs: Observations) -> None:
+def check_backend(args: argparse.Namespace, obs: Observations) -> tuple[str, str] | None:
     """A two-point solve on the chosen backend: fails fast (JuliaUnavailableError) if the
     engine cannot run here."""
     rhs = MODELS[args.model](torch.tensor(MODELS[args.model].truth, dtype=torch.float64))
-    with torch.no_grad():
-        odeint(rhs, obs.y0[:1], obs.t[:2], method=args.method, backend=args.backend,
-               rtol=args.rtol, atol=args.atol)
+    return S.backend_failure(lambda: odeint(rhs, obs.y0[:1], obs.t[:2], method=args.method,
+                                            backend=args.backend, rtol=args.rtol,
+                                            atol=args.atol), args.backend)
 
 
 def restart_data(args: argparse.Namespace, obs: Observations, k: int) -> Observations:
@@ -157,11 +94,13 @@ def restart_data(args: argparse.Namespace, obs: Observations, k: int) -> Observa
     return obs.with_noise(args.noise, torch.Generator().manual_seed(args.seed * 1000 + 503 + k))
 
 
-def run_restart(k: int, args, obs: Observations, resume: dict | None, save_ckpt) -> dict:
-    """One fit from the ``k``-th initial guess on the ``k``-th noise draw; returns its result."""
+def run_restart(k: int, args, obs: Observations, mine: list[int], resume: dict | None,
+                save_ckpt) -> dict:
+    """One fit from the ``k``-th initial guess on the ``k``-th noise draw, this rank on its
+    series ``mine``; returns its result."""
     cls = MODELS[args.model]
     obs = restart_data(args, obs, k)
-    local = obs.select(D.shard_indices(obs.n_series, D.get_rank(), D.get_world_size()))
+    local = obs.select(mine)
     n_global = D.global_count(local.n_obs)
     scale = obs.scale()  # from all series, the same on every rank
     world = D.get_world_size()
@@ -172,34 +111,23 @@ def run_restart(k: int, args, obs: Observations, resume: dict | None, save_ckpt)
     if resume is not None:
         sim.func.load_state_dict(resume["rhs"])
         sim.nfe_forward_total, sim.nfe_backward_total = resume["nfe"]
-    model = D.wrap_ddp(sim)
+    model = C.wrap(sim)
 
     def loss_fn() -> torch.Tensor:
         pred = model(local.y0, local.t)
         return local.sse(pred, scale) * (world / n_global)
 
-    cfg = FitConfig(adam_iters=args.adam_iters, lr=args.lr, lbfgs_iters=args.lbfgs_iters,
-                    lbfgs_max_iter=args.lbfgs_max_iter, patience=args.patience,
-                    ckpt_every=args.ckpt_every)
-
     def save(st: FitState) -> None:
         save_ckpt({"restart": k, "rhs": sim.func.state_dict(), "fit": st.to_dict(),
                    "nfe": list(sim.nfe())})
 
-    st = fit(loss_fn, model.parameters(), cfg, state=resume["fit"] if resume else None,
-             save=save, desc=f"{args.model}/{args.backend} restart {k + 1}/{args.restarts}",
+    st = fit(loss_fn, model.parameters(), S.fit_config(args),
+             state=resume["fit"] if resume else None, save=save,
+             desc=f"{args.model}/{args.backend} restart {k + 1}/{args.restarts}",
              progress=not args.no_progress)
     theta = torch.exp(sim.func.log_theta.detach())
-    nfe = D.aggregate_nfe(*sim.nfe())
-    samples = st.evals * obs.n_series  # series processed (forward + backward), all ranks
     return {"restart": k, "theta0": theta0.tolist(), "theta": theta.tolist(),
-            "final_loss": st.losses[-1] if st.losses else math.nan,
-            "iters": len(st.losses), "evals": st.evals, "train_time": st.train_time,
-            "samples_per_s": samples / st.train_time if st.train_time > 0 else math.nan,
-            "stop_reason": st.stop_reason, "losses": st.losses,
-            "lbfgs_start": st.lbfgs_start, "nfe": nfe}
-
-
+            **S.fit_record(st, obs.n_series, D.aggregate_nfe(*sim.nfe()))}
 def summarise(args, restarts: list[dict]) -> dict:
     cls = MODELS[args.model]
     losses = [r["final_loss"] for r in restarts]
@@ -247,18 +175,8 @@ def figures(args, obs: Observations, restarts: list[dict], summary: dict, out: P
     fig.tight_layout()
     fig.savefig(out / "fit.png", dpi=110)
     plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for r in restarts:
-        ax.semilogy(range(1, len(r["losses"]) + 1), r["losses"], lw=1,
-                    label=f"restart {r['restart'] + 1}")
-        if r["lbfgs_start"] is not None and r["lbfgs_start"] < len(r["losses"]):
-            ax.axvline(r["lbfgs_start"] + 0.5, color="0.7", lw=0.6, ls=":")
-    ax.set_xlabel("iteration (Adam, then LBFGS steps after the dotted line)")
-    ax.set_ylabel("mean squared scaled error")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
+    S.loss_figure(out / "loss.png", restarts, [f"restart {r['restart'] + 1}" for r in restarts],
+                  "iteration (Adam, then LBFGS steps after the dotted line)")
     return {"fit": "fit.png", "loss": "loss.png"}
 
 
@@ -268,8 +186,6 @@ def write_results(out: Path, args, obs: Observations, restarts: list[dict], summ
            "data": {"series": obs.n_series if obs else None,
                     "observed_values": obs.n_obs if obs else None},
            "summary": summary, "restarts": restarts}
-    write_json_atomic(res, out / "results.json", default=str)
-    cls = MODELS[args.model]
     lines = [f"# Parameter recovery: {args.model}, backend {args.backend}, "
              f"gradient {args.gradient}", ""]
     if status != "ok":
@@ -282,7 +198,7 @@ def write_results(out: Path, args, obs: Observations, restarts: list[dict], summ
                   f"noise {args.noise}, {obs.n_series} series, {obs.n_obs} observed values.",
                   "", "| parameter | true | recovered (mean ± std) | rel. error |",
                   "|---|---|---|---|"]
-        for name in cls.names:
+        for name in MODELS[args.model].names:
             p = summary["params"][name]
             lines.append(f"| {name} | {p['true']:.4g} | {p['mean']:.4f} ± {p['std']:.4f} | "
                          f"{100 * p['rel_error']:.2f} % |")
@@ -294,111 +210,66 @@ def write_results(out: Path, args, obs: Observations, restarts: list[dict], summ
                          f"{r['evals']} | {r['train_time']:.1f} | {r['samples_per_s']:.1f} | "
                          f"{r['nfe']['forward']['sum']:.0f} | {r['nfe']['backward']['sum']:.0f} |")
         lines += ["", "![fit](fit.png)", "", "![loss](loss.png)"]
-    write_text_atomic("\n".join(lines) + "\n", out / "results.md")
+    C.write_report(out, res, lines, default=str)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p, data, opt = S.make_parser(__doc__, out="runs/fit_parameters", rtol=1e-5, atol=1e-7,
+                                 series=8, times=30, keep=0.5, noise=0.05, adam_iters=80,
+                                 lr=0.1, lbfgs_iters=4, patience=20)
     p.add_argument("--model", choices=sorted(MODELS), default="lv")
-    p.add_argument("--backend", choices=["torch", "scipy", "julia"], default="torch")
-    p.add_argument("--method", default="dopri5", help="solver (the backend maps the name)")
-    p.add_argument("--gradient", choices=["adjoint", "direct"], default="adjoint",
-                   help="direct needs --backend torch")
-    p.add_argument("--rtol", type=float, default=1e-5)
-    p.add_argument("--atol", type=float, default=1e-7)
-    p.add_argument("--series", type=int, default=8, help="trajectories (initial states)")
-    p.add_argument("--times", type=int, default=30, help="random observation times")
-    p.add_argument("--keep", type=float, default=0.5,
-                   help="probability that a series is observed at each time")
-    p.add_argument("--t-end", type=float, default=None,
-                   help="end of the observation window (default: 6 for lv, 25 for sir)")
-    p.add_argument("--noise", type=float, default=0.05,
-                   help="noise std as a fraction of each component's spread")
-    p.add_argument("--restarts", type=int, default=4, help="random initial guesses")
-    p.add_argument("--init-low", type=float, default=0.3, help="initial guesses: lower bound")
-    p.add_argument("--init-high", type=float, default=3.0, help="initial guesses: upper bound")
-    p.add_argument("--adam-iters", type=int, default=80)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--lbfgs-iters", type=int, default=4, help="LBFGS steps after Adam")
-    p.add_argument("--lbfgs-max-iter", type=int, default=20,
-                   help="inner iterations (about as many loss evaluations) per LBFGS step")
-    p.add_argument("--patience", type=int, default=20,
-                   help="stop Adam after this many iterations without improvement (0: never)")
-    p.add_argument("--converged-factor", type=float, default=2.0,
-                   help="restarts whose final loss is within this factor of the median count")
-    p.add_argument("--same-noise", action="store_true",
-                   help="one noise draw for all restarts (spread = optimiser only)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt-every", type=int, default=25)
-    p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--out", default="runs/fit_parameters")
-    args = p.parse_args(argv)
+    data.add_argument("--t-end", type=float, default=None,
+                      help="end of the observation window (default: 6 for lv, 25 for sir)")
+    data.add_argument("--same-noise", action="store_true",
+                      help="one noise draw for all restarts (spread = optimiser only)")
+    opt.add_argument("--restarts", type=int, default=4, help="random initial guesses")
+    opt.add_argument("--init-low", type=float, default=0.3, help="initial guesses: lower bound")
+    opt.add_argument("--init-high", type=float, default=3.0,
+                     help="initial guesses: upper bound")
+    opt.add_argument("--converged-factor", type=float, default=2.0,
+                     help="restarts whose final loss is within this factor of the median count")
+    args = S.parse(p, argv)
     if args.t_end is None:
         args.t_end = T_END[args.model]
-    if args.gradient == "direct" and args.backend != "torch":
-        p.error("--gradient direct needs --backend torch (the others differentiate by adjoint)")
     return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    info = D.init_from_env(device="cpu")
-    try:
+    with C.distributed(device="cpu") as info:
         return _main(args, info)
-    finally:
-        D.cleanup(info)
 
 
 def _main(args: argparse.Namespace, info: D.DistInfo) -> dict:
-    out = Path(args.out)
-    main_rank = info.is_main
-    if main_rank:
-        out.mkdir(parents=True, exist_ok=True)
+    out = C.make_out(args.out)
     torch.manual_seed(args.seed)
-    obs = make_data(args)
-    try:
-        check_backend(args, obs)
-    except BackendUnavailableError as exc:
-        msg = " ".join(str(exc).split())
-        if main_rank:
-            print(f"backend {args.backend!r} is not available here: {type(exc).__name__}: {msg}",
-                  file=sys.stderr)
+    obs = parametric_data(args)
+    failure = check_backend(args, obs)
+    if failure is not None:
+        if info.is_main:
             write_results(out, args, obs, [], {}, status="backend_unavailable",
-                          error=f"{type(exc).__name__}: {msg}")
-        return {"status": "backend_unavailable", "error": msg}
-    if obs.n_series < info.world_size:
-        raise SystemExit(f"--series {obs.n_series} < {info.world_size} ranks: every rank needs "
-                         "at least one series")
+                          error=": ".join(failure))
+        return {"status": "backend_unavailable", "error": failure[1]}
+    mine = S.shard_series(obs.n_series)
     ckpt = out / "ckpt.pt"
-    saved = load_checkpoint(ckpt, missing_ok=True) if args.resume else None
-    key = {k: getattr(args, k) for k in ("model", "backend", "method", "gradient", "series",
-                                         "same_noise", "rtol", "atol",
-                                         "times", "keep", "t_end", "noise", "seed", "init_low",
-                                         "init_high")}  # not restarts: --resume may add some
-    if saved is not None and saved.get("key") != key:
-        raise SystemExit(f"{ckpt} was written with other settings ({saved.get('key')}); "
-                         "start afresh without --resume or use another --out")
+    saved, key = S.load_saved(ckpt, args, KEY)
     done: list[dict] = saved["done"] if saved else []
     current = saved.get("current") if saved else None
 
     def save_ckpt(cur: dict | None) -> None:
-        if main_rank:
-            save_checkpoint({"key": key, "done": done, "current": cur}, ckpt)
+        C.save({"key": key, "done": done, "current": cur}, ckpt)
 
     t_start = time.perf_counter()
     for k in range(len(done), args.restarts):
         resume = current if current is not None and current["restart"] == k else None
-        done.append(run_restart(k, args, obs, resume, save_ckpt))
+        done.append(run_restart(k, args, obs, mine, resume, save_ckpt))
         current = None
         save_ckpt(None)
         r = done[-1]
-        if main_rank:
-            th = ", ".join(f"{n}={v:.4f}" for n, v in zip(MODELS[args.model].names, r["theta"],
-                                                           strict=True))
-            print(f"restart {k + 1}/{args.restarts}: {th}  loss {r['final_loss']:.4g}  "
-                  f"({r['evals']} evals, {r['train_time']:.1f}s, {r['stop_reason']})")
+        th = ", ".join(f"{n}={v:.4f}" for n, v in zip(MODELS[args.model].names, r["theta"],
+                                                       strict=True))
+        C.log(f"restart {k + 1}/{args.restarts}: {th}  loss {r['final_loss']:.4g}  "
+              f"({r['evals']} evals, {r['train_time']:.1f}s, {r['stop_reason']})")
     wall = time.perf_counter() - t_start
     summary = summarise(args, done)
     summary["fit_time_s"] = sum(r["train_time"] for r in done)
@@ -407,7 +278,7 @@ def _main(args: argparse.Namespace, info: D.DistInfo) -> dict:
     total_evals = sum(r["evals"] for r in done)
     summary["samples_per_s"] = (total_evals * obs.n_series / summary["fit_time_s"]
                                 if summary["fit_time_s"] > 0 else math.nan)
-    if main_rank:
+    if info.is_main:
         summary["figures"] = figures(args, obs, done, summary, out)
         write_results(out, args, obs, done, summary)
         print(f"\n{args.model} on backend {args.backend} ({summary['n_converged']}/"

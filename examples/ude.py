@@ -37,7 +37,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -47,76 +46,32 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 from pydiffbridge import distributed as D  # noqa: E402
 from pydiffbridge import odeint  # noqa: E402
-from pydiffbridge.checkpoint import (  # noqa: E402
-    load_checkpoint,
-    save_checkpoint,
-    write_json_atomic,
-    write_text_atomic,
+from pydiffbridge.fit import FitState, Observations, Trajectories, fit  # noqa: E402
+
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:  # the examples' _*.py helpers, also when imported from elsewhere
+    sys.path.insert(0, HERE)
+
+import _common as C  # noqa: E402
+import _sciml_fit as S  # noqa: E402
+from _sciml_models import (  # noqa: E402, F401  (re-exported for tests and users)
+    ALPHA,
+    BETA,
+    DELTA,
+    GAMMA,
+    UDE,
+    TrueLV,
+    known_physics,
+    true_interaction,
+    truth_solve,
+    ude_data,
 )
-from pydiffbridge.errors import BackendUnavailableError  # noqa: E402
-from pydiffbridge.fit import (  # noqa: E402
-    FitConfig,
-    FitState,
-    Observations,
-    Trajectories,
-    fit,
-    make_observations,
-)
 
-ALPHA, BETA, GAMMA, DELTA = 1.5, 1.0, 3.0, 1.0
-
-
-def true_interaction(u: torch.Tensor) -> torch.Tensor:
-    """The terms the network has to learn: ``(-βxy, δxy)``."""
-    xy = u[..., 0] * u[..., 1]
-    return torch.stack([-BETA * xy, DELTA * xy], dim=-1)
-
-
-def known_physics(u: torch.Tensor) -> torch.Tensor:
-    """The terms the model is given: ``(αx, -γy)``."""
-    return torch.stack([ALPHA * u[..., 0], -GAMMA * u[..., 1]], dim=-1)
-
-
-class TrueLV(nn.Module):
-    def forward(self, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return known_physics(u) + true_interaction(u)
-
-
-class UDE(nn.Module):
-    """Known physics plus ``U_θ(u)``; ``U`` sees ``u / scale`` (the data's typical size)."""
-
-
-    def __init__(self, hidden: int, scale: torch.Tensor, physics_only: bool = False) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(2, hidden), nn.Tanh(), nn.Linear(hidden, hidden),
-                                 nn.Tanh(), nn.Linear(hidden, 2))
-        nn.init.zeros_(self.net[-1].weight)  # start from the known physics alone
-        nn.init.zeros_(self.net[-1].bias)
-        self.register_buffer("scale", scale.clone())
-        self.physics_only = physics_only
-
-    def interaction(self, u: torch.Tensor) -> torch.Tensor:
-        if self.physics_only:
-            return torch.zeros_like(u)
-        return self.net(u / self.scale)
-
-    def forward(self, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        return known_physics(u) + self.interaction(u)
-
-
-def truth_solve(y0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return odeint(TrueLV(), y0, t, method="dopri8", rtol=1e-11, atol=1e-12)
-
-
-def make_data(args: argparse.Namespace) -> Observations:
-    gen = torch.Generator().manual_seed(args.seed)
-    y0 = 0.5 + 2.0 * torch.rand(args.series, 2, generator=gen, dtype=torch.float64)
-    return make_observations(truth_solve, y0, args.t_train, args.times, args.keep, args.noise,
-                             gen)
+KEY = ("backend", "method", "gradient", "rtol", "atol", "series", "times", "keep", "t_train",
+       "noise", "hidden", "seed", "grow_iters", "window0")
 
 
 def grid_comparison(model: UDE, obs: Observations, n: int = 41) -> dict:
@@ -162,8 +117,8 @@ def extrapolation(model: UDE, obs: Observations, args) -> dict:
             "physics_only_rms_extrap_window": rms(base, ~train), "truth_rms": scale}
 
 
-def figures(args, obs: Observations, cmp: dict, ext: dict, losses: list, lbfgs_start,
-            out: Path) -> dict:
+def figures(args, obs: Observations, cmp: dict, ext: dict, fit_res: dict, out: Path
+            ) -> dict:
     show = list(range(min(2, obs.n_series)))
     fig, axes = plt.subplots(1, len(show), figsize=(5.5 * len(show), 3.6), squeeze=False)
     t = ext["t"]
@@ -211,27 +166,19 @@ def figures(args, obs: Observations, cmp: dict, ext: dict, losses: list, lbfgs_s
     fig.savefig(out / "interaction.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    ax.semilogy(range(1, len(losses) + 1), losses, lw=1)
-    if lbfgs_start is not None and lbfgs_start < len(losses):
-        ax.axvline(lbfgs_start + 0.5, color="0.6", lw=0.8, ls=":")
-    ax.set_xlabel("iteration (Adam, then LBFGS after the dotted line)")
-    ax.set_ylabel("mean squared scaled error")
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
+    S.loss_figure(out / "loss.png", [fit_res], None,
+                  "iteration (Adam, then LBFGS after the dotted line)")
     return {"trajectories": "trajectories.png", "interaction": "interaction.png",
             "loss": "loss.png"}
 
 
 def write_results(out: Path, res: dict) -> None:
-    write_json_atomic(res, out / "results.json", default=str)
     a = res["args"]
     lines = [f"# Universal differential equation (Lotka–Volterra), backend {a['backend']}, "
              f"gradient {a['gradient']}", ""]
     if res["status"] != "ok":
         lines += [f"**{res['status']}**: {res['error']}"]
-        write_text_atomic("\n".join(lines) + "\n", out / "results.md")
+        C.write_report(out, res, lines, default=str)
         return
     c, e, f = res["interaction"], res["extrapolation"], res["fit"]
     lines += [f"{a['series']} series, noise {a['noise']}, training window [0, {a['t_train']}], "
@@ -251,47 +198,22 @@ def write_results(out: Path, res: dict) -> None:
               f"(RMS of the true states: {e['truth_rms']:.3f})", "",
               "![trajectories](trajectories.png)", "", "![interaction](interaction.png)", "",
               "![loss](loss.png)"]
-    write_text_atomic("\n".join(lines) + "\n", out / "results.md")
+    C.write_report(out, res, lines, default=str)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--backend", choices=["torch", "scipy", "julia"], default="torch")
-    p.add_argument("--method", default="dopri5")
-    p.add_argument("--gradient", choices=["adjoint", "direct"], default="adjoint",
-                   help="direct needs --backend torch")
-    p.add_argument("--rtol", type=float, default=1e-4)
-    p.add_argument("--atol", type=float, default=1e-6)
-    p.add_argument("--series", type=int, default=4, help="trajectories (initial states)")
-    p.add_argument("--times", type=int, default=20, help="random observation times")
-    p.add_argument("--keep", type=float, default=0.7,
-                   help="probability that a series is observed at each time")
-    p.add_argument("--t-train", type=float, default=3.0, help="end of the training window")
-    p.add_argument("--t-extrap", type=float, default=6.0, help="end of the extrapolation")
-    p.add_argument("--noise", type=float, default=0.02,
-                   help="noise std as a fraction of each component's spread")
+    p, data, opt = S.make_parser(
+        __doc__, out="runs/ude", rtol=1e-4, atol=1e-6, series=4, times=20, keep=0.7,
+        noise=0.02, adam_iters=150, lr=0.02, lbfgs_iters=5, patience=0,
+        patience_help="; counted from the start, so keep it above --grow-iters")
+    data.add_argument("--t-train", type=float, default=3.0, help="end of the training window")
+    data.add_argument("--t-extrap", type=float, default=6.0, help="end of the extrapolation")
     p.add_argument("--hidden", type=int, default=32, help="width of the network's layers")
-    p.add_argument("--adam-iters", type=int, default=150)
-    p.add_argument("--lr", type=float, default=0.02)
-    p.add_argument("--lbfgs-iters", type=int, default=5, help="LBFGS steps after Adam")
-    p.add_argument("--lbfgs-max-iter", type=int, default=20,
-                   help="inner iterations (about as many loss evaluations) per LBFGS step")
-    p.add_argument("--patience", type=int, default=0,
-                   help="stop Adam after this many iterations without improvement (0: never; "
-                   "counted from the start, so keep it above --grow-iters)")
-    p.add_argument("--grow-iters", type=int, default=100,
-                   help="Adam iterations over which the fitted window grows to --t-train")
-    p.add_argument("--window0", type=float, default=0.3,
-                   help="initial fitted window, as a fraction of --t-train")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt-every", type=int, default=25)
-    p.add_argument("--resume", action="store_true", help="continue from --out/ckpt.pt")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--out", default="runs/ude")
-    args = p.parse_args(argv)
-    if args.gradient == "direct" and args.backend != "torch":
-        p.error("--gradient direct needs --backend torch (the others differentiate by adjoint)")
+    opt.add_argument("--grow-iters", type=int, default=100,
+                     help="Adam iterations over which the fitted window grows to --t-train")
+    opt.add_argument("--window0", type=float, default=0.3,
+                     help="initial fitted window, as a fraction of --t-train")
+    args = S.parse(p, argv)
     if args.t_extrap <= args.t_train:
         p.error("--t-extrap must be after --t-train")
     return args
@@ -299,49 +221,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    info = D.init_from_env(device="cpu")
-    try:
+    with C.distributed(device="cpu") as info:
         return _main(args, info)
-    finally:
-        D.cleanup(info)
 
 
 def _main(args: argparse.Namespace, info: D.DistInfo) -> dict:
-    out = Path(args.out)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    out = C.make_out(args.out)
     torch.manual_seed(args.seed)
-    obs = make_data(args)
+    obs = ude_data(args)
     scale = obs.scale()
     torch.manual_seed(args.seed)
     model = UDE(args.hidden, scale).double()
     sim = Trajectories(model, method=args.method, rtol=args.rtol, atol=args.atol,
                        gradient=args.gradient, backend=args.backend)
-    try:  # fail fast where the engine cannot run (JuliaUnavailableError)
-        with torch.no_grad():
-            odeint(model, obs.y0[:1], obs.t[:2], method=args.method, backend=args.backend)
-    except BackendUnavailableError as exc:
-        msg = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    failure = S.backend_failure(lambda: odeint(model, obs.y0[:1], obs.t[:2], method=args.method,
+                                               backend=args.backend), args.backend)
+    if failure is not None:
+        msg = ": ".join(failure)
         if info.is_main:
-            print(f"backend {args.backend!r} is not available here: {msg}", file=sys.stderr)
             write_results(out, {"status": "backend_unavailable", "error": msg,
                                 "args": vars(args)})
         return {"status": "backend_unavailable", "error": msg}
-    if obs.n_series < info.world_size:
-        raise SystemExit(f"--series {obs.n_series} < {info.world_size} ranks")
-    local_all = obs.select(D.shard_indices(obs.n_series, info.rank, info.world_size))
+    local_all = obs.select(S.shard_series(obs.n_series))
     ckpt = out / "ckpt.pt"
-    key = {k: getattr(args, k) for k in ("backend", "method", "gradient", "rtol", "atol",
-                                         "series", "times", "keep", "t_train", "noise",
-                                         "hidden", "seed", "grow_iters", "window0")}
-    saved = load_checkpoint(ckpt, missing_ok=True) if args.resume else None
+    saved, key = S.load_saved(ckpt, args, KEY)
     if saved is not None:
-        if saved.get("key") != key:
-            raise SystemExit(f"{ckpt} was written with other settings ({saved.get('key')}); "
-                             "start afresh without --resume or use another --out")
         model.load_state_dict(saved["model"])
         sim.nfe_forward_total, sim.nfe_backward_total = saved["nfe"]
-    ddp = D.wrap_ddp(sim)
+    ddp = C.wrap(sim)
     world = info.world_size
 
     def window(it: int) -> float:
@@ -362,35 +269,26 @@ def _main(args: argparse.Namespace, info: D.DistInfo) -> dict:
         current["it"] = len(st.losses)
 
     def save(st: FitState) -> None:
-        nfe = list(sim.nfe())
-        if info.is_main:
-            save_checkpoint({"key": key, "model": model.state_dict(), "fit": st.to_dict(),
-                             "nfe": nfe}, ckpt)
+        C.save({"key": key, "model": model.state_dict(), "fit": st.to_dict(),
+                "nfe": list(sim.nfe())}, ckpt)
 
-    cfg = FitConfig(adam_iters=args.adam_iters, lr=args.lr, lbfgs_iters=args.lbfgs_iters,
-                    lbfgs_max_iter=args.lbfgs_max_iter, patience=args.patience,
-                    ckpt_every=args.ckpt_every)
     t0 = time.perf_counter()
-    st = fit(loss_fn, ddp.parameters(), cfg, state=saved["fit"] if saved else None, save=save,
-             on_iter=on_iter, desc=f"UDE/{args.backend}", progress=not args.no_progress)
+    st = fit(loss_fn, ddp.parameters(), S.fit_config(args),
+             state=saved["fit"] if saved else None, save=save, on_iter=on_iter,
+             desc=f"UDE/{args.backend}", progress=not args.no_progress)
     wall = time.perf_counter() - t0
-    nfe = D.aggregate_nfe(*sim.nfe())
     model.eval()
     cmp = grid_comparison(model, obs)
     ext = extrapolation(model, obs, args)
-    fit_res = {"iters": len(st.losses), "evals": st.evals, "train_time": st.train_time,
-               "wall_time": wall, "final_loss": st.losses[-1] if st.losses else math.nan,
-               "stop_reason": st.stop_reason,
-               "samples_per_s": (st.evals * obs.n_series / st.train_time
-                                 if st.train_time > 0 else math.nan),
-               "losses": st.losses, "lbfgs_start": st.lbfgs_start, "nfe": nfe}
+    fit_res = {**S.fit_record(st, obs.n_series, D.aggregate_nfe(*sim.nfe())),
+               "wall_time": wall}
     res = {"status": "ok", "error": None, "args": vars(args), "world_size": world,
            "fit": fit_res,
            "interaction": {k: v for k, v in cmp.items() if k.startswith("rel_") or k == "box"},
            "extrapolation": {k: v for k, v in ext.items() if k.startswith(("rms", "physics",
                                                                               "truth_rms"))}}
     if info.is_main:
-        res["figures"] = figures(args, obs, cmp, ext, st.losses, st.lbfgs_start, out)
+        res["figures"] = figures(args, obs, cmp, ext, fit_res, out)
         write_results(out, res)
         print(f"UDE on backend {args.backend}: {fit_res['iters']} iterations in "
               f"{st.train_time:.1f}s ({world} process(es), {fit_res['samples_per_s']:.1f} "
