@@ -82,6 +82,10 @@ def distributed(device: str | torch.device | None = None) -> Iterator[D.DistInfo
     info = D.init_from_env(device=device)
     try:
         yield info
+        if D.is_distributed():
+            # leave together: rank 0 evaluates and writes alone at the end, and a gloo group
+            # torn down while a peer is still connected can abort that peer at exit
+            D.barrier()
     finally:
         D.cleanup(info)
 
