@@ -132,6 +132,14 @@ OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "loop": (lambda v: v in ("auto", "host", "device"), "'auto', 'host' or 'device'",
              "loop='host'"),
     "compile": (lambda v: isinstance(v, bool), "True or False", "compile=True"),
+    # the adaptive stiff methods (solvers/rosenbrock.py, esdirk.py, autoswitch.py)
+    "autonomous": (lambda v: isinstance(v, bool), "True or False", "autonomous=True"),
+    "jac": (lambda v: v is None or callable(v), "a callable jac(t, y) -> (n, n) tensor",
+            "jac=lambda t, y: J"),
+    "fixed_step": (lambda v: v is None or _pos_finite(v), "a finite number > 0 (or None)",
+                   "fixed_step=0.01"),
+    "stiff_detect": (is_positive_int, "a positive integer", "stiff_detect=15"),
+    "nonstiff_detect": (is_positive_int, "a positive integer", "nonstiff_detect=5"),
 }
 
 

@@ -15,7 +15,7 @@ from . import _validate as V
 from . import errors as E
 from ._prepare import FUNC_SIGNATURE, STATUS_ERRORS, adjoint_params_of
 from ._tree import Tree
-from .backends.torch import ADAPTIVE_METHODS, TorchBackend
+from .backends.torch import ADAPTIVE_METHODS, STIFF_ADAPTIVE_METHODS, TorchBackend
 from .gradients.settings import GradientSettings
 from .solution import Solution, Stats, Status
 from .solvers.batched import BATCHED_OPTIONS, solve_batched
@@ -74,6 +74,11 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
     if not bool(torch.isfinite(flat0).all()):
         raise E.NonFiniteError("y0 contains NaN or Inf")
     meth = TorchBackend().resolve_method(method)
+    if meth in STIFF_ADAPTIVE_METHODS:
+        raise E.InputError(f"batch_dims: method {meth!r} has no per-sample stepping yet (it steps "
+                           "a batch with one shared step size); drop batch_dims and pass y0 of "
+                           f"shape (B, n) with options={{'jac_blocks': B}} for B independent "
+                           "systems with block-diagonal Newton algebra")
     if meth not in ADAPTIVE_METHODS:
         raise E.InputError(f"batch_dims gives per-sample adaptive steps; method {meth!r} is "
                            f"fixed-step (one grid for all samples): drop batch_dims for it")

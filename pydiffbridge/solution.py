@@ -37,6 +37,8 @@ class Stats:
     the attempted steps (``accepted + rejected``).  The ``*_backward`` fields count the work
     of the adjoint (or checkpointed) backward pass; they stay 0 until ``backward`` runs.
     For per-sample (batched) stepping the fields are integer tensors of shape ``[batch]``.
+    ``switches`` counts the switches between the explicit and the stiff method of
+    ``method="auto"`` (0 for every other method).
     """
 
     nfe: Any = 0
@@ -45,6 +47,7 @@ class Stats:
     rejected: Any = 0
     nfe_backward: Any = 0
     steps_backward: Any = 0
+    switches: Any = 0
 
     def as_dict(self) -> dict[str, Any]:
         out = {}

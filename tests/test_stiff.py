@@ -34,7 +34,8 @@ def _rel_err(ys, ref, rtol, atol):
     return float(((ys.detach() - ref).abs() / (rtol * ref.abs() + atol)).max())
 
 
-@pytest.mark.parametrize("method,rtol,bound", [("rodas4", 1e-6, 10.0), ("rosenbrock23", 1e-4, 50.0)])
+@pytest.mark.parametrize("method,rtol,bound",
+                         [("rodas4", 1e-6, 10.0), ("rosenbrock23", 1e-4, 50.0)])
 def test_robertson_against_radau(method, rtol, bound):
     t = torch.tensor(ROB_T, dtype=D)
     atol = rtol * 1e-4
@@ -57,7 +58,8 @@ def test_far_fewer_steps_than_dopri5():
 
 def _prothero(lam):
     def f(t, y):  # exact solution (cos t, sin t); nonlinear coupling, non-autonomous
-        return torch.stack([-lam * (y[0] - torch.cos(t)) - torch.sin(t) + (y[1] - torch.sin(t)) ** 2,
+        return torch.stack([-lam * (y[0] - torch.cos(t)) - torch.sin(t)
+                            + (y[1] - torch.sin(t)) ** 2,
                             -2.0 * (y[1] - torch.sin(t)) + torch.cos(t)])
     return f
 
@@ -96,7 +98,8 @@ def test_jacobian_modes_agree(method):
 def test_gradcheck_y0_and_parameter(method):
     def fn(y0, k):
         def f(t, y):
-            return torch.stack([-k[0] * y[0] + k[1] * y[1] ** 2 + torch.sin(t), k[0] * y[0] - 3 * y[1]])
+            return torch.stack([-k[0] * y[0] + k[1] * y[1] ** 2 + torch.sin(t),
+                                k[0] * y[0] - 3 * y[1]])
         return solve_stiff(f, y0, torch.tensor([0.0, 0.3, 1.0], dtype=D), method, 1e-4, 1e-6,
                            None, {"fixed_step": 0.125}).ys[1:]
     y0 = torch.tensor([1.0, 0.5], dtype=D, requires_grad=True)

@@ -9,7 +9,8 @@ which other backend the method exists.
 
 Sources for the correspondences: SciPy ``solve_ivp`` documentation (RK45 = Dormand-Prince
 5(4), RK23 = Bogacki-Shampine 3(2), DOP853 = Hairer's 8(5,3)); OrdinaryDiffEq.jl solver list
-(DP5, BS3, DP8, Tsit5, Vern6-9, Rodas4/5/5P, KenCarp4, TRBDF2, RadauIIA5, FBDF, QNDF).
+(DP5, BS3, DP8, Tsit5, Vern6-9, Rodas4/5/5P, Rosenbrock23, Kvaerno5, KenCarp4, TRBDF2,
+RadauIIA5, FBDF, QNDF); MATLAB's ode23s is Rosenbrock23 (Shampine & Reichelt 1997).
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ TABLE: dict[str, dict[str, str]] = {
     "bdf": {"scipy": "BDF", "julia": "FBDF"},
     "lsoda": {"scipy": "LSODA"},
     "qndf": {"julia": "QNDF"},
-    "rodas4": {"julia": "Rodas4"},
-    "rodas5": {"julia": "Rodas5"},
+    # adaptive stiff methods native on torch too (solvers/rosenbrock.py, esdirk.py)
+    "rodas4": {"torch": "rodas4", "julia": "Rodas4"},
+    "rodas5": {"torch": "rodas5", "julia": "Rodas5"},
     "rodas5p": {"julia": "Rodas5P"},
-    "rosenbrock23": {"julia": "Rosenbrock23"},
+    "rosenbrock23": {"torch": "rosenbrock23", "julia": "Rosenbrock23"},
+    "kvaerno5": {"torch": "kvaerno5"},  # (Julia has Kvaerno5; julia/PyDiffBridge.jl lacks it)
     "kencarp4": {"julia": "KenCarp4"},
     "trbdf2": {"torch": "trbdf2", "julia": "TRBDF2"},  # torch: on a fixed grid
     "vern6": {"julia": "Vern6"},
@@ -65,6 +68,9 @@ TABLE: dict[str, dict[str, str]] = {
     # Julia's automatic stiffness switching (the nearest thing to LSODA there)
     "autotsit5": {"julia": "AutoTsit5(Rosenbrock23())"},
     "autovern7": {"julia": "AutoVern7(Rodas5())"},
+    # torch's tsit5 <-> rodas5 switching (solvers/autoswitch.py; the counterpart of Julia's
+    # AutoTsit5(Rodas5()), which has no row of its own here)
+    "auto": {"torch": "auto"},
 }
 
 # lower-case spelling (canonical or any engine's) -> canonical row name
@@ -76,7 +82,7 @@ for _canon, _row in TABLE.items():
 # common extra spellings
 _LOOKUP.update({"rk45": "dopri5", "dp5": "dopri5", "rk23": "bosh3", "bs3": "bosh3",
                 "dop853": "dopri8", "dp8": "dopri8", "radauiia5": "radau", "fbdf": "bdf",
-                "rk4_classic": "rk4", "explicit_euler": "euler",
+                "rk4_classic": "rk4", "explicit_euler": "euler", "ode23s": "rosenbrock23",
                 "autotsit5(rosenbrock23())": "autotsit5", "autovern7(rodas5())": "autovern7"})
 
 

@@ -1,4 +1,5 @@
-"""The native torch backend: batched explicit RK, Adams and fixed-grid implicit RK solvers from
+"""The native torch backend: batched explicit RK, Adams and fixed-grid implicit RK solvers, and
+the adaptive stiff solvers (Rosenbrock, ESDIRK, automatic switching) from
 :mod:`pydiffbridge.solvers`, on any device, differentiable by direct backprop."""
 
 from __future__ import annotations
@@ -14,15 +15,19 @@ from ..solvers.fixed_events import solve_fixed_until_event
 from ..solvers.hooks import hooks_of
 from ..solvers.implicit import IMPLICIT_METHODS, IMPLICIT_OPTIONS, check_implicit_options
 from ..solvers.rk import solve_adaptive
+from ..solvers.rosenbrock import ROSENBROCK_METHODS, STIFF_OPTIONS
 from ..solvers.tableaus import TABLEAUS
 from .base import SolveSpec
 
-__all__ = ["TorchBackend", "ADAPTIVE_METHODS", "FIXED_METHODS", "METHODS"]
+__all__ = ["TorchBackend", "ADAPTIVE_METHODS", "FIXED_METHODS", "STIFF_ADAPTIVE_METHODS",
+           "METHODS"]
 
 ADAPTIVE_METHODS = ("dopri5", "tsit5", "bosh3", "fehlberg2", "adaptive_heun", "dopri8")
 EXPLICIT_FIXED_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4") + ADAMS
 FIXED_METHODS = EXPLICIT_FIXED_METHODS + IMPLICIT_METHODS
-METHODS = ADAPTIVE_METHODS + FIXED_METHODS
+#: adaptive stiff methods (solvers/rosenbrock.py, esdirk.py, autoswitch.py)
+STIFF_ADAPTIVE_METHODS = ROSENBROCK_METHODS + ("kvaerno5", "auto")
+METHODS = ADAPTIVE_METHODS + FIXED_METHODS + STIFF_ADAPTIVE_METHODS
 
 _COMMON = {"dtype", "norm", "max_num_steps", "t_max"}
 ADAPTIVE_OPTIONS = _COMMON | {"first_step", "step_t", "jump_t", "min_step", "max_step",
@@ -37,7 +42,11 @@ IMPLICIT_FIXED_OPTIONS = (_COMMON | {"step_size", "grid_constructor", "perturb",
 _ALIASES = {"rk4_classic": "rk4", "explicit_euler": "euler", "Tsit5": "tsit5", "DP5": "dopri5",
             "BS3": "bosh3", "RK45": "dopri5", "RK23": "bosh3", "DP8": "dopri8",
             "DOP853": "dopri8", "Euler": "euler", "Midpoint": "midpoint", "RK4": "rk4",
-            "Heun": "heun2"}
+            "Heun": "heun2", "Rosenbrock23": "rosenbrock23", "ode23s": "rosenbrock23",
+            "Rodas4": "rodas4", "Rodas5": "rodas5", "Kvaerno5": "kvaerno5"}
+_STIFF_EXTRA = {"rosenbrock23": set(), "rodas4": set(), "rodas5": set(),
+                "kvaerno5": {"newton_tol", "max_iters"},
+                "auto": {"stiff_method", "stiff_detect", "nonstiff_detect"}}
 
 
 class TorchBackend:
@@ -59,11 +68,14 @@ class TorchBackend:
                 f"unknown method {method!r} for backend 'torch'. Adaptive: "
                 f"{', '.join(ADAPTIVE_METHODS)}; fixed-step: "
                 f"{', '.join(EXPLICIT_FIXED_METHODS)}; fixed-step implicit: "
-                f"{', '.join(IMPLICIT_METHODS)}. Adaptive stiff or engine-specific methods "
-                "(Radau, BDF, LSODA, Rodas5, ...) need backend='scipy' or backend='julia'.")
+                f"{', '.join(IMPLICIT_METHODS)}; adaptive stiff: "
+                f"{', '.join(STIFF_ADAPTIVE_METHODS)}. Engine-specific methods (Radau, BDF, "
+                "LSODA, ...) need backend='scipy' or backend='julia'.")
         return m
 
     def check_options(self, method: str, options: dict) -> None:
+        if method in STIFF_ADAPTIVE_METHODS:
+            return _check_stiff_options(method, options)
         allowed = (ADAPTIVE_OPTIONS if method in ADAPTIVE_METHODS else IMPLICIT_FIXED_OPTIONS
                    if method in IMPLICIT_METHODS else FIXED_OPTIONS)
         bad = sorted(set(options) - allowed)
@@ -83,7 +95,9 @@ class TorchBackend:
         method = self.resolve_method(spec.method)
         opts = dict(spec.options)
         norm = spec.norm or _rms
-        if method in ADAPTIVE_METHODS:
+        if method in STIFF_ADAPTIVE_METHODS:
+            sol = _solve_stiff(func, y0, t, method, spec, opts, norm, event_fn)
+        elif method in ADAPTIVE_METHODS:
             if _device_loop(opts, y0, t, norm, event_fn, func):
                 sol = _solve_device_loop(func, y0, t, TABLEAUS[method], spec.rtol, spec.atol,
                                          opts, norm.rms_parts)
@@ -97,6 +111,45 @@ class TorchBackend:
                         spec.atol, event_fn)
         sol.backend, sol.method = "torch", method
         return sol
+
+
+def _check_stiff_options(method: str, options: dict) -> None:
+    from ..solvers.autoswitch import check_auto_options
+    from ..solvers.esdirk import check_esdirk_options
+    from ..solvers.jacobian import check_jacobian_option
+
+    allowed = STIFF_OPTIONS | {"norm", "t_max"} | _STIFF_EXTRA[method]
+    bad = sorted(set(options) - allowed)
+    if bad:
+        raise UnknownOptionError(
+            f"option(s) {bad} not understood by method {method!r}; it accepts: "
+            f"{', '.join(sorted(allowed))}")
+    check_jacobian_option(options, method)
+    if method == "kvaerno5":
+        check_esdirk_options(method, options)
+    if method == "auto":
+        check_auto_options(options)
+
+
+def _solve_stiff(func, y0, t, method, spec, opts, norm, event_fn) -> Solution:
+    """The adaptive stiff methods (one flat real state, the host loop of solvers/stiff_loop)."""
+    from ..solvers.autoswitch import solve_auto
+    from ..solvers.esdirk import solve_esdirk
+    from ..solvers.rosenbrock import solve_stiff
+
+    if event_fn is not None:
+        raise InputError(f"method {method!r} does not support event_fn (terminal events); use an "
+                         "explicit adaptive method (dopri5, tsit5, ...) or a fixed-grid implicit "
+                         "one (radauIIA5, trbdf2, ...) with events, or solve up to a time")
+    if t.requires_grad and torch.is_grad_enabled():
+        raise InputError(f"method {method!r} does not propagate gradients w.r.t. the output "
+                         "times t; detach t (t.detach()), or use an explicit adaptive method")
+    opts.pop("t_max", None)
+    if method == "auto":
+        return solve_auto(func, y0, t, spec.rtol, spec.atol, norm, opts)
+    if method == "kvaerno5":
+        return solve_esdirk(func, y0, t, method, spec.rtol, spec.atol, norm, opts)
+    return solve_stiff(func, y0, t, method, spec.rtol, spec.atol, norm, opts)
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:

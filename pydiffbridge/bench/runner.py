@@ -41,6 +41,8 @@ PRESETS = {
                 threads=1),
     "vdp": dict(problems="vdp", methods="dopri5,tsit5", tols="1e-5,1e-7", backends="torch",
                 peers="torchode", batch_mode="both"),
+    # a runner of its own (pydiffbridge/bench/stiff.py); the other arguments go to it
+    "stiff": {},
 }
 
 
@@ -314,6 +316,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--preset=stiff" in argv or any(a == "--preset" and b == "stiff"
+                                        for a, b in zip(argv, argv[1:], strict=False)):
+        # work-precision vs SciPy Radau/BDF/LSODA, its own arguments (pydiffbridge.bench.stiff)
+        from .stiff import main as stiff_main
+
+        rest = [a for i, a in enumerate(argv) if a not in ("--preset", "--preset=stiff")
+                and not (i and argv[i - 1] == "--preset")]
+        return stiff_main(rest)
     pre = ap.parse_known_args(argv)[0].preset
     if pre:
         ap.set_defaults(**PRESETS[pre])

@@ -297,7 +297,7 @@ def _back_solve(cfg: _Config, rec: HermiteRecord, t_hi, t_lo, a, g, params, coun
 
     def aug(tt: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         counter[0] += 1
-        z = rec(float(tt)).detach().requires_grad_(True)
+        z = rec(float(tt.detach())).detach().requires_grad_(True)
         with torch.enable_grad():
             f = func(tt, z)
             if f.requires_grad:

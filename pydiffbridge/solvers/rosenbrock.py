@@ -1,7 +1,7 @@
 """Adaptive Rosenbrock (linearly implicit) methods for stiff problems, in native torch.
 
-Two methods, each one LU factorisation of ``M = I / (h gamma) - J`` per step, reused by all
-stages (``J = df/dy`` at the step's start; kept across rejected retries):
+Three methods, each one LU factorisation of ``M = I / (h gamma) - J`` per step attempt,
+reused by all its stages (``J = df/dy`` at the step's start; kept across rejected retries):
 
 * ``rosenbrock23``: the L-stable (2,3) pair of ``ode23s``, L. F. Shampine and M. W. Reichelt,
   "The MATLAB ODE Suite", SIAM J. Sci. Comput. 18(1), 1997, Sec. 2 (the formulas after
@@ -10,29 +10,30 @@ stages (``J = df/dy`` at the step's start; kept across rejected retries):
   ``y(t + s h) = y + h (s(1-s)/(1-2d) k1 + s(s-2d)/(1-2d) k2)``.  Controller exponent 1/3.
 * ``rodas4``: RODAS of E. Hairer and G. Wanner, *Solving ODEs II* (2nd ed., 1996),
   Sec. IV.7 (Table 7.1 ff. and the code RODAS, coefficient set METH=1): six stages, order
-  4(3), stiffly accurate, L-stable, in the transformed form (eq. (7.4'))::
+  4(3), stiffly accurate, L-stable.  Controller exponent 1/4.
+* ``rodas5``: RODAS5(4) of G. A. Di Marzo, "RODAS5(4) - Méthodes de Rosenbrock d'ordre 5(4)
+  adaptées aux problèmes différentiels-algébriques", MSc thesis, Univ. Geneva, 1993, with
+  the values as published in OrdinaryDiffEq.jl's ``Rodas5Tableau`` (also diffrax's
+  ``Rodas5``): eight stages, order 5(4), stiffly accurate, ``gamma = 0.19``.  Controller
+  exponent 1/5.
 
-      (I/(h g) - J) u_i = f(t + alpha_i h, y + sum_j a_ij u_j) + sum_j (c_ij / h) u_j
-                          + gamma_i h df/dt,
-      y1 = y + sum_i m_i u_i,   error estimate u_6,
+Both RODAS methods run in the transformed form (Hairer & Wanner II, eq. (7.4'))::
 
-  with its own third-order dense output
-  ``y(s) = (1-s) y + s (y1 + (1-s)(K2 + s K3))``, ``K2 = sum d2j u_j``, ``K3 = sum d3j u_j``.
-  Controller exponent 1/4; step factor limits 0.2 and 6 (RODAS's defaults).
+    (I/(h g) - J) u_i = f(t + alpha_i h, y + sum_j a_ij u_j) + sum_j (c_ij / h) u_j
+                        + gamma_i h df/dt,
+    y1 = y + sum_i m_i u_i,   error estimate u_s (the last stage),
 
-``J`` comes from autograd (one evaluation of ``f`` that also gives ``f(t, y)``; with
-``create_graph`` when autograd is on, so that direct backprop sees ``dJ/dy`` and ``dJ/dp``),
-from finite differences (``options["jacobian"] = "fd"``: ``n`` extra evaluations) or from the
-user (``options["jac"](t, y) -> (n, n)``, or a callable ``options["jacobian"]``).  ``df/dt``
-comes from the same autograd call (``None`` gradient: autonomous) or from one forward
-difference; ``options["autonomous"] = True`` skips it.
+with the dense output ``y(s) = (1-s) y + s (y1 + (1-s)(D_1 + s (D_2 + s D_3)))``,
+``D_k = sum_j d_kj u_j`` (RODAS4: Hairer & Wanner's ``d2``/``d3``, third order; RODAS5: the
+``h2j``/``h3j``/``h4j`` rows of OrdinaryDiffEq.jl's ``Rodas5Tableau``, fourth order).
+Step factor limits 0.2 and 6 (RODAS's defaults).
 
-The test-only option ``fixed_step=h`` takes steps of exactly ``h`` (the last one shortened to
-land on the final time) and accepts all of them; it exists to measure convergence orders.
+``J`` comes from :class:`~pydiffbridge.solvers.jacobian.Derivatives` (autograd, finite
+differences or the user's ``jac``); the step loop is :mod:`~pydiffbridge.solvers.stiff_loop`.
 
 Gradients: the whole solve is differentiable by direct backprop (``lu_factor_ex``/``lu_solve``
-are); the step-size decisions are Python floats and carry none.  Gradients w.r.t. the output
-times ``t`` are not propagated.
+are; the autograd Jacobian keeps its graph); the step-size decisions are Python floats and
+carry none.  Gradients w.r.t. the output times ``t`` are not propagated.
 """
 
 from __future__ import annotations
@@ -44,15 +45,18 @@ from typing import Any
 import torch
 
 from ..errors import InputError, UnknownMethodError, UnknownOptionError
-from ..solution import Solution, Stats, Status
-from .controller import Controller, error_ratio, initial_step
+from ..solution import Solution
+from .jacobian import Derivatives, lu_apply, lu_of
+from .stiff_loop import run_stiff
 
-__all__ = ["STIFF_METHODS", "STIFF_OPTIONS", "RODAS4", "solve_stiff"]
+__all__ = ["ROSENBROCK_METHODS", "STIFF_METHODS", "STIFF_OPTIONS", "RODAS4", "RODAS5",
+           "RosenbrockScheme", "solve_stiff", "check_stiff_input"]
 
-STIFF_METHODS: tuple[str, ...] = ("rosenbrock23", "rodas4")
+ROSENBROCK_METHODS: tuple[str, ...] = ("rosenbrock23", "rodas4", "rodas5")
+STIFF_METHODS: tuple[str, ...] = ROSENBROCK_METHODS
 STIFF_OPTIONS: frozenset[str] = frozenset({
     "first_step", "max_num_steps", "min_step", "max_step", "jac", "jacobian", "autonomous",
-    "safety", "ifactor", "dfactor", "dtype", "fixed_step"})
+    "safety", "ifactor", "dfactor", "dtype", "fixed_step", "jac_blocks"})
 
 _D23 = 1.0 / (2.0 + math.sqrt(2.0))  # ode23s's d (Shampine & Reichelt 1997)
 _E32 = 6.0 + math.sqrt(2.0)
@@ -74,106 +78,69 @@ RODAS4 = {
     # y1 = (stage 6 argument) + u6; the embedded (order 3) solution is the stage 6 argument
     "m": (1.221224509226641, 6.019134481288629, 12.53708332932087, -0.6878860361058950,
           1.0, 1.0),
-    "d2": (10.12623508344586, -7.487995877610167, -34.80091861555747, -7.992771707568823,
+    "dense": ((10.12623508344586, -7.487995877610167, -34.80091861555747, -7.992771707568823,
            1.025137723295662),
-    "d3": (-0.6762803392801253, 6.087714651680015, 16.43084320892478, 24.76722511418386,
-           -6.594389125716872),
+              (-0.6762803392801253, 6.087714651680015, 16.43084320892478, 24.76722511418386,
+           -6.594389125716872)),
 }
 
-_ORDER = {"rosenbrock23": 3, "rodas4": 4}  # exponent 1/order of the step-size controller
-_GAMMA = {"rosenbrock23": _D23, "rodas4": RODAS4["gamma"]}
+
+_R5A6 = (-14.09640773051259, 6.925207756232704, -41.47510893210728, 2.343771018586405,
+         24.13215229196062)
+#: RODAS5(4) (Di Marzo 1993) in the transformed form; the values of OrdinaryDiffEq.jl's
+#: ``Rodas5Tableau`` (a_ij, C_ij, c_i, d_i = gamma_i, dense-output rows h2j, h3j, h4j).
+RODAS5 = {
+    "gamma": 0.19,
+    "alpha": (0.0, 0.38, 0.3878509998321533, 0.4839718937873840, 0.4570477008819580, 1.0, 1.0,
+              1.0),
+    "gammas": (0.19, -0.1823079225333714636, -0.319231832186874912, 0.3449828624725343,
+               -0.377417564392089818, 0.0, 0.0, 0.0),
+    "a": ((), (2.0,), (3.040894194418781, 1.041747909077569),
+          (2.576417536461461, 1.622083060776640, -0.9089668560264532),
+          (2.760842080225597, 1.446624659844071, -0.3036980084553738, 0.2877498600325443),
+          _R5A6, _R5A6 + (1.0,), _R5A6 + (1.0, 1.0)),
+    "c": ((), (-10.31323885133993,), (-21.04823117650003, -7.234992135176716),
+          (32.22751541853323, -4.943732386540191, 19.44922031041879),
+          (-20.69865579590063, -8.816374604402768, 1.260436877740897, -0.7495647613787146),
+          (-46.22004352711257, -17.49534862857472, -289.6389582892057, 93.60855400400906,
+           318.3822534212147),
+          (34.20013733472935, -14.15535402717690, 57.82335640988400, 25.83362985412365,
+           1.408950972071624, -6.551835421242162),
+          (42.57076742291101, -13.80770672017997, 93.98938432427124, 18.77919633714503,
+           -31.58359187223370, -6.685968952921985, -5.810979938412932)),
+    # y1 = (stage 8 argument) + u8; the embedded (order 4) solution is the stage 8 argument
+    "m": _R5A6 + (1.0, 1.0, 1.0),
+    "dense": ((27.354592673333357, -6.925207756232857, 26.40037733258859, 0.5635230501052979,
+               -4.699151156849391, -1.6008677469422725, -1.5306074446748028,
+               -1.3929872940716344),
+              (44.19024239501722, 1.3677947663381929e-13, 202.93261852171622,
+               -35.5669339789154, -181.91095152160645, 3.4116351403665033,
+               2.5793540257308067, 2.2435122582734066),
+              (-44.0988150021747, -5.755396159656812e-13, -181.26175034586677,
+               56.99302194811676, 183.21182741427398, -7.480257918273637,
+               -5.792426076169686, -5.32503859794143)),
+}
+
+_TABLES = {"rodas4": RODAS4, "rodas5": RODAS5}
+_ORDER = {"rosenbrock23": 3, "rodas4": 4, "rodas5": 5}  # exponent 1/order of the controller
+_GAMMA = {"rosenbrock23": _D23, "rodas4": RODAS4["gamma"], "rodas5": RODAS5["gamma"]}
 
 
 def _lin(coeffs, vecs):
     """``sum_i coeffs[i] * vecs[i]`` (skipping zeros)."""
     out = None
-    for c, v in zip(coeffs, vecs):
+    for c, v in zip(coeffs, vecs, strict=False):  # (a row may stop before the last stage)
         if c != 0.0:
             out = v * c if out is None else out + v * c
     return out if out is not None else torch.zeros_like(vecs[0])
 
 
-class _Derivs:
-    """``f(t, y)``, ``J = df/dy`` and ``df/dt`` at a step's start, by the chosen means."""
-
-    def __init__(self, fct: Callable, opts: dict, tdtype: torch.dtype, device):
-        kind = opts.get("jacobian", "autograd")
-        self.user = opts.get("jac") or (kind if callable(kind) else None)
-        if self.user is None and kind not in ("autograd", "fd"):
-            raise InputError(f"options['jacobian'] must be 'autograd', 'fd' or a callable "
-                             f"(t, y) -> (n, n), got {kind!r}")
-        self.kind = "user" if self.user is not None else kind
-        self.fct, self.tdtype, self.device = fct, tdtype, device
-        self.autonomous = bool(opts.get("autonomous", False))
-
-    def _tt(self, t: float) -> torch.Tensor:
-        return torch.scalar_tensor(t, dtype=self.tdtype, device=self.device)
-
-    def __call__(self, t: float, y: torch.Tensor):
-        if self.kind == "autograd":
-            return self._autograd(t, y)
-        f0 = self.fct(self._tt(t), y)
-        n = y.numel()
-        if self.kind == "user":
-            J = self.user(self._tt(t), y)
-            if not isinstance(J, torch.Tensor) or tuple(J.shape) != (n, n):
-                shape = tuple(J.shape) if isinstance(J, torch.Tensor) else type(J).__name__
-                raise InputError(f"options['jac'] must return a ({n}, {n}) tensor (df/dy of "
-                                 f"the flat state); got {shape} at t={t:.6g}")
-            J = J.to(y.dtype)
-        else:
-            sq = math.sqrt(torch.finfo(y.dtype).eps)
-            dy = sq * torch.clamp(y.detach().abs(), min=1e-3)
-            eye = torch.eye(n, dtype=y.dtype, device=y.device)
-            cols = [(self.fct(self._tt(t), y + dy[j] * eye[j]) - f0) / dy[j] for j in range(n)]
-            J = torch.stack(cols, 1)
-        ft = None
-        if not self.autonomous:
-            dt = math.sqrt(torch.finfo(y.dtype).eps) * max(abs(t), 1.0)
-            ft = (self.fct(self._tt(t + dt), y) - f0) / dt
-        return f0, J, ft
-
-    def _autograd(self, t: float, y: torch.Tensor):
-        graph = torch.is_grad_enabled()
-        n = y.numel()
-        with torch.enable_grad():
-            yy = y if (graph and y.requires_grad) else y.detach().requires_grad_(True)
-            tt = self._tt(t)
-            if not self.autonomous:
-                tt.requires_grad_(True)
-            fy = self.fct(tt, yy)
-            inputs = (yy,) if self.autonomous else (yy, tt)
-            if not fy.requires_grad:  # f ignores y and t
-                gs = (None, None)
-            else:
-                eye = torch.eye(n, dtype=fy.dtype, device=fy.device)
-                try:
-                    gs = torch.autograd.grad(fy, inputs, eye, retain_graph=True,
-                                             create_graph=graph, allow_unused=True,
-                                             is_grads_batched=True)
-                except RuntimeError:  # f not vmap-able: one vector-Jacobian product a row
-                    rows = [torch.autograd.grad(fy, inputs, eye[i], retain_graph=True,
-                                                create_graph=graph, allow_unused=True)
-                            for i in range(n)]
-                    gs = tuple(None if rows[0][k] is None else torch.stack([r[k] for r in rows])
-                               for k in range(len(inputs)))
-        J = gs[0] if gs[0] is not None else torch.zeros(n, n, dtype=y.dtype, device=y.device)
-        ft = None if self.autonomous or gs[1] is None else gs[1].reshape(n).to(y.dtype)
-        if not graph:
-            fy, J = fy.detach(), J.detach()
-            ft = None if ft is None else ft.detach()
-        return fy, J, ft
+def factor(J: torch.Tensor, hg: float):
+    """LU of ``I/(h gamma) - J`` (``J``: ``(n, n)`` or blocks ``(B, m, m)``)."""
+    return lu_of(J, 1.0 / hg, 1.0)
 
 
-def _factor(J: torch.Tensor, hg: float):
-    """LU of ``I/(h gamma) - J``; a singular matrix gives non-finite stages (then rejection)."""
-    M = torch.diag_embed(torch.full((J.shape[0],), 1.0 / hg, dtype=J.dtype, device=J.device)) - J
-    lu, piv, _ = torch.linalg.lu_factor_ex(M)
-    return lu, piv
-
-
-def _solve(lu, r: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.lu_solve(lu[0], lu[1], r[:, None])[:, 0]
+_solve = lu_apply
 
 
 def _step_ros23(fc, t: float, y, h: float, f0, ft, lu):
@@ -195,9 +162,9 @@ def _step_ros23(fc, t: float, y, h: float, f0, ft, lu):
     return y1, err, (k1, k2)
 
 
-def _step_rodas4(fc, t: float, y, h: float, f0, ft, lu):
+
+def _step_rodas(tab: dict, fc, t: float, y, h: float, f0, ft, lu):
     """One RODAS step in the transformed form (Hairer & Wanner II, eq. (7.4'))."""
-    tab = RODAS4
     U: list[torch.Tensor] = []
     for i, alpha in enumerate(tab["alpha"]):
         fi = f0 if i == 0 else fc(t + alpha * h, y + _lin(tab["a"][i], U))
@@ -208,10 +175,7 @@ def _step_rodas4(fc, t: float, y, h: float, f0, ft, lu):
         if ft is not None and g != 0.0:
             r = r + ft * (g * h)
         U.append(_solve(lu, r))
-    return y + _lin(tab["m"], U), U[5], tuple(U)
-
-
-_STEPS = {"rosenbrock23": _step_ros23, "rodas4": _step_rodas4}
+    return y + _lin(tab["m"], U), U[-1], tuple(U)
 
 
 def _interp(method: str, s: torch.Tensor, y, y1, h: float, st) -> torch.Tensor:
@@ -221,8 +185,58 @@ def _interp(method: str, s: torch.Tensor, y, y1, h: float, st) -> torch.Tensor:
         k1, k2 = st
         den = 1.0 - 2.0 * _D23
         return y + h * ((s * (1 - s) / den) * k1 + (s * (s - 2 * _D23) / den) * k2)
-    K2, K3 = _lin(RODAS4["d2"], st[:5]), _lin(RODAS4["d3"], st[:5])
-    return (1 - s) * y + s * (y1 + (1 - s) * (K2 + s * K3))
+    D = [_lin(row, st) for row in _TABLES[method]["dense"]]
+    acc = D[-1]
+    for Dk in reversed(D[:-1]):
+        acc = Dk + s * acc
+    return (1 - s) * y + s * (y1 + (1 - s) * acc)
+
+
+class RosenbrockScheme:
+    """One of :data:`ROSENBROCK_METHODS` for :func:`~pydiffbridge.solvers.stiff_loop.run_stiff`:
+    ``J`` and ``df/dt`` at each step start, one LU per attempt."""
+
+    ifactor, dfactor, fail_factor = 6.0, 0.2, 0.25
+
+    def __init__(self, method: str, fct: Callable, fc: Callable, tdtype, device, opts: dict):
+        self.method, self.fc = method, fc
+        self.derivs = Derivatives(fct, opts, tdtype, device, method)
+        self.order, self.gamma = _ORDER[method], _GAMMA[method]
+        self.J = self.ft = None
+
+    def start(self, t: float, y: torch.Tensor):
+        f0, J, ft = self.derivs(t, y)
+        parts = [f0, J] + ([ft] if ft is not None else [])
+        if not all(bool(torch.isfinite(p.detach()).all()) for p in parts):
+            return None
+        self.J, self.ft = J, ft
+        return f0
+
+    def attempt(self, t: float, y, h: float, f0):
+        lu = factor(self.J, h * self.gamma)
+        if self.method == "rosenbrock23":
+            return _step_ros23(self.fc, t, y, h, f0, self.ft, lu)
+        return _step_rodas(_TABLES[self.method], self.fc, t, y, h, f0, self.ft, lu)
+
+    def dense(self, s, t: float, y, y1, h: float, st):
+        return _interp(self.method, s, y, y1, h, st)
+
+    def next_h(self, h_used: float, h_new: float, accepted: bool) -> float:
+        return h_new
+
+    def stats_extra(self) -> dict:
+        return {}
+
+
+def check_stiff_input(method: str, y0: torch.Tensor, opts: dict, allowed) -> None:
+    """The checks every stiff solver makes before it starts (names, state dtype)."""
+    bad = sorted(set(opts) - set(allowed))
+    if bad:
+        raise UnknownOptionError(f"option(s) {bad} not understood by method {method!r}; it "
+                                 f"accepts: {', '.join(sorted(allowed))}")
+    if y0.is_complex() or not y0.is_floating_point():
+        raise InputError(f"method {method!r} needs a real floating-point state, got {y0.dtype}; "
+                         "solve a complex system as its real and imaginary parts")
 
 
 def solve_stiff(f: Callable, y0: torch.Tensor, t: torch.Tensor, method: str, rtol: Any,
@@ -232,128 +246,14 @@ def solve_stiff(f: Callable, y0: torch.Tensor, t: torch.Tensor, method: str, rto
     :func:`pydiffbridge.solvers.rk.solve_adaptive`: a :class:`Solution` whose ``status`` says
     why it stopped (rows never reached are NaN), never an exception on numerical trouble.
 
-    ``method``: one of :data:`STIFF_METHODS`; ``opts``: names in :data:`STIFF_OPTIONS`.
+    ``method``: one of :data:`ROSENBROCK_METHODS`; ``opts``: names in :data:`STIFF_OPTIONS`.
     """
-    if method not in STIFF_METHODS:
-        raise UnknownMethodError(f"unknown stiff method {method!r}; choose one of "
-                                 f"{', '.join(STIFF_METHODS)}")
-    bad = sorted(set(opts) - STIFF_OPTIONS)
-    if bad:
-        raise UnknownOptionError(f"option(s) {bad} not understood by method {method!r}; it "
-                                 f"accepts: {', '.join(sorted(STIFF_OPTIONS))}")
-    if y0.is_complex() or not y0.is_floating_point():
-        raise InputError(f"method {method!r} needs a real floating-point state, got {y0.dtype}")
-    norm = norm or (lambda x: torch.linalg.vector_norm(x) / (x.numel() ** 0.5))
-    ts = [float(v) for v in t.tolist()]
-    m, t0, t_end = len(ts), ts[0], ts[-1]
-    direction = 1.0 if t_end >= t0 else -1.0
-    tdtype = opts.get("dtype") or t.dtype
-    nfe = [0]
+    if method not in ROSENBROCK_METHODS:
+        raise UnknownMethodError(f"unknown Rosenbrock method {method!r}; choose one of "
+                                 f"{', '.join(ROSENBROCK_METHODS)}")
+    check_stiff_input(method, y0, opts, STIFF_OPTIONS)
 
-    def fct(tt: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
-        nfe[0] += 1
-        return f(tt, yy)
+    def make(fct, fc, tdtype):
+        return RosenbrockScheme(method, fct, fc, tdtype, y0.device, opts)
 
-    def fc(tt: float, yy: torch.Tensor) -> torch.Tensor:
-        return fct(torch.scalar_tensor(tt, dtype=tdtype, device=y0.device), yy)
-
-    if torch.is_grad_enabled() and not y0.requires_grad and t_end != t0:
-        # build autograd graphs only when something upstream needs them: y0 or a parameter
-        # of f (seen by one evaluation, counted in nfe)
-        if not fc(t0, y0.detach()).requires_grad:
-            with torch.no_grad():
-                sol = solve_stiff(f, y0, t, method, rtol, atol, norm, opts)
-            sol.stats.nfe += 1
-            return sol
-    derivs = _Derivs(fct, opts, tdtype, y0.device)
-    step, gamma, order = _STEPS[method], _GAMMA[method], _ORDER[method]
-    stats = Stats()
-    max_steps = int(opts.get("max_num_steps", 100_000))
-    min_step = float(opts.get("min_step", 0.0))
-    max_step = float(opts.get("max_step", math.inf))
-    fixed = opts.get("fixed_step")
-    ctrl = Controller(order=order, safety=float(opts.get("safety", 0.9)),
-                      ifactor=float(opts.get("ifactor", 6.0)),
-                      dfactor=float(opts.get("dfactor", 0.2)))
-    outputs: list[torch.Tensor | None] = [None] * m
-    outputs[0] = y0
-    out_idx, tc, y = 1, t0, y0
-    status, message = Status.SUCCESS, ""
-    span = abs(t_end - t0)
-    h = 0.0
-    J = None
-    last_nonfinite = False
-    while t_end != t0 and (t_end - tc) * direction > 0:
-        if stats.steps >= max_steps:
-            status = Status.MAX_STEPS
-            message = (f"reached max_num_steps={max_steps} at t={tc:.6g} (dt={h:.3g}) before "
-                       f"t={t_end:.6g}")
-            break
-        if J is None:  # a new step start: f0, J and df/dt there
-            f0, J, ft = derivs(tc, y)
-            parts = [f0, J] + ([ft] if ft is not None else [])
-            if not all(bool(torch.isfinite(p.detach()).all()) for p in parts):
-                status = Status.NONFINITE
-                message = (f"func or its Jacobian returned NaN/Inf at t={tc:.6g} "
-                           f"(step {stats.steps})")
-                break
-            if h == 0.0:
-                if fixed is not None:
-                    h = abs(float(fixed))
-                elif opts.get("first_step") is not None:
-                    h = abs(float(opts["first_step"]))
-                else:
-                    with torch.no_grad():
-                        h = initial_step(fc, t0, y.detach(), f0.detach(), direction, order,
-                                         rtol, atol, norm)
-                    h = min(h, span)
-                h = min(max(h, min_step), max_step)
-        hit = abs(t_end - tc) <= h * (1 + 1e-12)
-        hs = (t_end - tc) if hit else direction * h
-        t1 = t_end if hit else tc + hs
-        lu = _factor(J, hs * gamma)
-        y1, err, st = step(fc, tc, y, hs, f0, ft, lu)
-        stats.steps += 1
-        with torch.no_grad():
-            finite = bool(torch.isfinite(y1).all())
-            ratio = error_ratio(err, y, y1, rtol, atol, norm) if finite else math.inf
-            finite = finite and math.isfinite(ratio)
-        if fixed is not None and not finite:
-            status, message = Status.NONFINITE, f"the solution became NaN/Inf at t={t1:.6g}"
-            break
-        accept = finite and (fixed is not None or ratio <= 1.0
-                             or abs(hs) <= min_step * (1 + 1e-12))
-        if accept:
-            stats.accepted += 1
-            j0 = out_idx
-            while out_idx < m and (ts[out_idx] - t1) * direction <= 0:
-                out_idx += 1
-            if out_idx > j0:
-                s = (t[j0:out_idx].detach().to(y.dtype) - tc) / hs
-                rows = _interp(method, s, y, y1, hs, st).unbind(0)
-                for i, j in enumerate(range(j0, out_idx)):
-                    outputs[j] = y1 if ts[j] == t1 else rows[i]
-            tc, y, J = t1, y1, None
-            last_nonfinite = False
-        else:
-            stats.rejected += 1
-            last_nonfinite = not finite
-        if fixed is not None:
-            continue
-        h = min(max(ctrl.next_step(abs(hs), ratio, accept), min_step), max_step)
-        if h < 10 * math.ulp(max(abs(tc), span)):
-            if last_nonfinite:
-                status = Status.NONFINITE
-                message = (f"the step produced NaN/Inf near t={tc:.6g}; the step size shrank "
-                           f"to dt={h:.3g} without avoiding it")
-            else:
-                status = Status.STEP_UNDERFLOW
-                message = (f"step size underflow at t={tc:.6g}: dt={h:.3g} (method {method!r}). "
-                           "The problem may be singular here; try a larger rtol/atol or "
-                           "options={'min_step': ...}")
-            break
-    stats.nfe = nfe[0]
-    nan = torch.full_like(y0, float("nan"))
-    ys = torch.stack([o if o is not None else nan for o in outputs])
-    return Solution(ys=ys, ts=t, stats=stats, status=status, message=message,
-                    method=method)
+    return run_stiff(f, y0, t, make, rtol, atol, norm, opts, method)
