@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 import torch
@@ -124,8 +125,13 @@ def test_threads_mixing_backends_and_shapes():
 
 
 CHILD = textwrap.dedent("""
-    import sys, torch
+    import faulthandler, signal, sys, torch
     import pydiffbridge as pdb
+
+    # Python's own SIGINT handler even if the parent's disposition was inherited as ignored;
+    # SIGUSR1 dumps every thread's stack (the parent asks for it if the child does not stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    faulthandler.register(signal.SIGUSR1)
 
     backend, method = sys.argv[1], sys.argv[2]
     mu = 1.0 if method == "rk4" else 1000.0  # stiff for the adaptive methods: tiny steps
@@ -166,8 +172,17 @@ def test_sigint_interrupts_a_long_solve_promptly(backend, method):
         line = proc.stdout.readline()  # the solve is running
         assert line.strip() == "started", (line, proc.stderr.read() if proc.poll() else "")
         proc.send_signal(signal.SIGINT)
-        # a hang detector, not a timing: an interrupted solve returns within moments
-        out, err = proc.communicate(timeout=10)
+        # a hang detector, not a timing: an interrupted solve returns within moments (the
+        # limit is generous for a loaded machine); on a hang, report where the child is
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            proc.kill()
+            out, err = proc.communicate()
+            raise AssertionError(f"the solve did not stop within 60 s of SIGINT; child stacks:"
+                                 f"\n{err[-4000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
