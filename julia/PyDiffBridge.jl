@@ -55,6 +55,7 @@ const ALGORITHMS = Dict{String,Function}(
     "Rodas5" => () -> finite_diff(Rodas5),
     "Rodas5P" => () -> finite_diff(Rodas5P),
     "KenCarp4" => () -> finite_diff(KenCarp4),
+    "Kvaerno5" => () -> finite_diff(Kvaerno5),
     "TRBDF2" => () -> finite_diff(TRBDF2),
     "RadauIIA5" => () -> finite_diff(RadauIIA5),
     "FBDF" => () -> finite_diff(FBDF),

@@ -58,7 +58,7 @@ TABLE: dict[str, dict[str, str]] = {
     "rodas5": {"torch": "rodas5", "julia": "Rodas5"},
     "rodas5p": {"julia": "Rodas5P"},
     "rosenbrock23": {"torch": "rosenbrock23", "julia": "Rosenbrock23"},
-    "kvaerno5": {"torch": "kvaerno5"},  # (Julia has Kvaerno5; julia/PyDiffBridge.jl lacks it)
+    "kvaerno5": {"torch": "kvaerno5", "julia": "Kvaerno5"},
     "kencarp4": {"julia": "KenCarp4"},
     "trbdf2": {"torch": "trbdf2", "julia": "TRBDF2"},  # torch: on a fixed grid
     "vern6": {"julia": "Vern6"},
