@@ -54,3 +54,18 @@ class MLP(torch.nn.Module):
     def forward(self, t, y):
         self.calls += 1
         return self.w2 @ torch.tanh(self.w1 @ y + self.b1) + self.amp * torch.sin(self.freq * t)
+
+
+class Decay(torch.nn.Module):
+    """dy/dt = -k y (each tensor of a tuple state alike), k a parameter; counts its calls."""
+
+    def __init__(self, k: float = 1.0):
+        super().__init__()
+        self.k = torch.nn.Parameter(torch.tensor(k, dtype=DT))
+        self.calls = 0
+
+    def forward(self, t, y):
+        self.calls += 1
+        if isinstance(y, tuple):
+            return tuple(-self.k * v for v in y)
+        return -self.k * y

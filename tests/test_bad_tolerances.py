@@ -9,25 +9,13 @@ import math
 
 import pytest
 import torch
+from _models import Decay
 
 import pydiffbridge as pdb
 from pydiffbridge import errors as E
 
 D = torch.float64
 NAN, INF = float("nan"), float("inf")
-
-
-class Decay(torch.nn.Module):
-    """dy/dt = -k y, counting calls."""
-
-    def __init__(self):
-        super().__init__()
-        self.k = torch.nn.Parameter(torch.tensor(1.0, dtype=D))
-        self.calls = 0
-
-    def forward(self, t, y):
-        self.calls += 1
-        return -self.k * y
 
 
 def _t():

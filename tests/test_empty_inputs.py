@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _models import Decay as Counted
 
 import pydiffbridge as pdb
 from pydiffbridge import errors as E
@@ -15,19 +16,6 @@ from pydiffbridge.solution import Status
 
 D = torch.float64
 T = torch.linspace(0.0, 1.0, 5, dtype=D)
-
-
-class Counted(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.k = torch.nn.Parameter(torch.tensor(1.0, dtype=D))
-        self.calls = 0
-
-    def forward(self, t, y):
-        self.calls += 1
-        if isinstance(y, tuple):
-            return tuple(-self.k * v for v in y)
-        return -self.k * y
 
 
 @pytest.mark.parametrize("shape", [(0,), (0, 3), (4, 0), (2, 0, 5)])

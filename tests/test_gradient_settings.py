@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _models import Decay
 
 import pydiffbridge as pdb
 from pydiffbridge import GradientSettings
@@ -10,17 +11,8 @@ from pydiffbridge import errors as E
 D = torch.float64
 
 
-class Decay(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.k = torch.nn.Parameter(torch.tensor(0.7, dtype=D))
-
-    def forward(self, t, y):
-        return -self.k * y
-
-
 def _grads(**kw):
-    f = Decay()
+    f = Decay(0.7)
     y0 = torch.tensor([1.5], dtype=D, requires_grad=True)
     t = torch.tensor([0.0, 0.5, 2.0], dtype=D)
     sol = pdb.solve(f, y0, t, rtol=1e-10, atol=1e-12, **kw)
