@@ -158,6 +158,27 @@ class FixedStepper:
             self.hooks.step(ta.x, y, -dt if tb.f < ta.f else dt)
 
     # -- steps ----------------------------------------------------------------------------
+    def advance(self, ta: GridTime, tb: GridTime, y, f0, stats: Stats):
+        """One counted step from ``ta`` to ``tb`` (the grid loop's and the event search's): the
+        step callback, the first slope unless one is carried over, the step.  ``(y1, f0)``."""
+        self.callback(ta, tb, y)
+        if f0 is None:
+            f0 = self.start(ta, tb, y)
+        y1 = self.step(ta, tb, y, f0)
+        stats.steps += 1
+        stats.accepted += 1
+        return y1, f0
+
+    def end_slope(self, ta: GridTime, tb: GridTime, y1):
+        """``f(tb, y1)`` where the cubic interpolant or the next step uses it, else ``None``."""
+        if self.cubic or (self.reuses_end and (self.method in ADAMS or self.tab is None)):
+            return self.end(ta, tb, y1)
+        return None
+
+    def carried(self, f1):
+        """The next step's first slope: ``f1`` where the method may reuse it, else ``None``."""
+        return f1 if (f1 is not None and self.reuses_end) else None
+
     def step(self, ta: GridTime, tb: GridTime, y, f0):
         if self.implicit:
             return self._implicit(ta, tb, y, f0)
@@ -269,15 +290,8 @@ def solve_fixed(f: Callable, y0: torch.Tensor, t: torch.Tensor, method: str, tab
     f0 = None
     status, message = Status.SUCCESS, ""
     for ta, tb in zip(pts[:-1], pts[1:], strict=True):
-        st.callback(ta, tb, y)
-        if f0 is None:
-            f0 = st.start(ta, tb, y)
-        y1 = st.step(ta, tb, y, f0)
-        stats.steps += 1
-        stats.accepted += 1
-        f1 = None
-        if st.cubic or (st.reuses_end and (method in ADAMS or tab is None)):
-            f1 = st.end(ta, tb, y1)
+        y1, f0 = st.advance(ta, tb, y, f0, stats)
+        f1 = st.end_slope(ta, tb, y1)
         h = tb.x - ta.x
         while j < len(ts) and (ts[j] - tb.f) * direction <= 0:
             if ts[j] == tb.f and not tgrad:
@@ -291,7 +305,7 @@ def solve_fixed(f: Callable, y0: torch.Tensor, t: torch.Tensor, method: str, tab
             y = y1
             break
         y = y1
-        f0 = f1 if (f1 is not None and st.reuses_end) else None
+        f0 = st.carried(f1)
     stats.nfe = st.nfe
     nan = torch.full_like(y0, float("nan"))
     ys = torch.stack([o if o is not None else nan for o in outputs])

@@ -24,7 +24,7 @@ import torch
 from ..errors import InputError
 from ..solution import Solution, Stats, Status
 from .events import EventTracker
-from .fixed import ADAMS, FixedStepper, GridTime, grid_times, hermite, make_grid
+from .fixed import FixedStepper, GridTime, grid_times, hermite, make_grid
 from .tableaus import Tableau
 
 __all__ = ["solve_fixed_until_event", "solve_fixed_event", "DEFAULT_EVENT_STEPS"]
@@ -104,18 +104,11 @@ def solve_fixed_event(st: FixedStepper, y0: torch.Tensor, t: torch.Tensor, event
             message = (f"reached max_num_steps={max_steps} at t={ta.f:.6g} before the event "
                        "function crossed zero")
             break
-        st.callback(ta, tb, y)
-        if f0 is None:
-            f0 = st.start(ta, tb, y)
-        y1 = st.step(ta, tb, y, f0)
-        stats.steps += 1
-        stats.accepted += 1
+        y1, f0 = st.advance(ta, tb, y, f0, stats)
         if not bool(torch.isfinite(y1).all()):
             status, message = Status.NONFINITE, f"the solution became NaN/Inf at t={tb.f:.6g}"
             break
-        f1 = None
-        if st.cubic or (st.reuses_end and (st.method in ADAMS or st.tab is None)):
-            f1 = st.end(ta, tb, y1)
+        f1 = st.end_slope(ta, tb, y1)
         ev = tracker.check_step(ta.f, tb.f, tb.f - ta.f, y1, _dense(st.cubic, ta, tb, y, f0, y1,
                                                                    f1))
         if ev is not None:
@@ -125,7 +118,7 @@ def solve_fixed_event(st: FixedStepper, y0: torch.Tensor, t: torch.Tensor, event
                             ts=torch.stack([t[0], event_t.to(t.dtype)]), stats=stats,
                             status=Status.EVENT, event_t=event_t)
         ta, y = tb, y1
-        f0 = f1 if (f1 is not None and st.reuses_end) else None
+        f0 = st.carried(f1)
     else:
         message = f"the event function never crossed zero up to t={ta.f:.6g}"
     stats.nfe = st.nfe
