@@ -76,8 +76,6 @@ def test_options_and_errors():
         pdb.solve(f, y0, t, method="rodas5", options={"step_size": 0.1})
     with pytest.raises(UnknownOptionError):
         pdb.solve(f, y0, t, method="rodas5", options={"newton_tol": 1e-3})  # kvaerno5 only
-    with pytest.raises(InputError, match="event_fn"):
-        pdb.odeint(f, y0, t, method="rodas4", event_fn=lambda tt, y: y[0] - 0.5)
     with pytest.raises(InputError, match="jacobian"):
         pdb.solve(f, y0, t, method="kvaerno5", options={"jacobian": "magic"})
     with pytest.raises(InputError, match="stiff_method"):

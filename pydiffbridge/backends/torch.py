@@ -4,6 +4,7 @@ the adaptive stiff solvers (Rosenbrock, ESDIRK, automatic switching) from
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -137,19 +138,14 @@ def _solve_stiff(func, y0, t, method, spec, opts, norm, event_fn) -> Solution:
     from ..solvers.esdirk import solve_esdirk
     from ..solvers.rosenbrock import solve_stiff
 
-    if event_fn is not None:
-        raise InputError(f"method {method!r} does not support event_fn (terminal events); use an "
-                         "explicit adaptive method (dopri5, tsit5, ...) or a fixed-grid implicit "
-                         "one (radauIIA5, trbdf2, ...) with events, or solve up to a time")
-    if t.requires_grad and torch.is_grad_enabled():
-        raise InputError(f"method {method!r} does not propagate gradients w.r.t. the output "
-                         "times t; detach t (t.detach()), or use an explicit adaptive method")
-    opts.pop("t_max", None)
+    # terminal events search up to t[-1], or t[0] + t_max for one output time; gradients
+    # w.r.t. t flow under direct backprop (both in the shared loop, solvers/stiff_loop.py)
+    kw = {"event_fn": event_fn, "t_max": float(opts.pop("t_max", math.inf))}
     if method == "auto":
-        return solve_auto(func, y0, t, spec.rtol, spec.atol, norm, opts)
+        return solve_auto(func, y0, t, spec.rtol, spec.atol, norm, opts, **kw)
     if method == "kvaerno5":
-        return solve_esdirk(func, y0, t, method, spec.rtol, spec.atol, norm, opts)
-    return solve_stiff(func, y0, t, method, spec.rtol, spec.atol, norm, opts)
+        return solve_esdirk(func, y0, t, method, spec.rtol, spec.atol, norm, opts, **kw)
+    return solve_stiff(func, y0, t, method, spec.rtol, spec.atol, norm, opts, **kw)
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:

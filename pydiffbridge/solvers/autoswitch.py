@@ -29,6 +29,7 @@ either method then adapts it).  Dense output is that of whichever method took th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -143,10 +144,11 @@ class AutoScheme:
 
 
 def solve_auto(f: Callable, y0: torch.Tensor, t: torch.Tensor, rtol: Any, atol: Any,
-               norm: Callable | None, opts: dict) -> Solution:
+               norm: Callable | None, opts: dict, event_fn: Callable | None = None,
+               t_max: float = math.inf) -> Solution:
     """Integrate ``dy/dt = f(t, y)`` switching between tsit5 and a Rosenbrock method (same
-    contract as :func:`~pydiffbridge.solvers.rosenbrock.solve_stiff`); ``stats.switches``
-    counts the switches.  ``opts``: names in :data:`AUTO_OPTIONS`."""
+    contract as :func:`~pydiffbridge.solvers.rosenbrock.solve_stiff`, events included);
+    ``stats.switches`` counts the switches.  ``opts``: names in :data:`AUTO_OPTIONS`."""
     check_stiff_input("auto", y0, opts, AUTO_OPTIONS)
     check_auto_options(opts)
     sub = {k: v for k, v in opts.items() if k not in ("stiff_method", "stiff_detect",
@@ -157,7 +159,7 @@ def solve_auto(f: Callable, y0: torch.Tensor, t: torch.Tensor, rtol: Any, atol: 
             k: opts[k] for k in ("stiff_method", "stiff_detect", "nonstiff_detect")
             if k in opts}}, y0)
 
-    return run_stiff(f, y0, t, make, rtol, atol, norm, sub, "auto")
+    return run_stiff(f, y0, t, make, rtol, atol, norm, sub, "auto", event_fn, t_max)
 
 
 def check_auto_options(opts: dict) -> None:

@@ -227,10 +227,11 @@ def check_esdirk_options(method: str, opts: dict) -> None:
 
 
 def solve_esdirk(f: Callable, y0: torch.Tensor, t: torch.Tensor, method: str, rtol: Any,
-                 atol: Any, norm: Callable | None, opts: dict) -> Solution:
+                 atol: Any, norm: Callable | None, opts: dict, event_fn: Callable | None = None,
+                 t_max: float = math.inf) -> Solution:
     """Integrate the stiff ``dy/dt = f(t, y)`` with an adaptive ESDIRK method (same contract
-    as :func:`~pydiffbridge.solvers.rosenbrock.solve_stiff`); ``opts``: names in
-    :data:`ESDIRK_OPTIONS`."""
+    as :func:`~pydiffbridge.solvers.rosenbrock.solve_stiff`, events included); ``opts``:
+    names in :data:`ESDIRK_OPTIONS`."""
     if method not in ESDIRK_METHODS:
         raise InputError(f"unknown ESDIRK method {method!r}; choose one of "
                          f"{', '.join(ESDIRK_METHODS)}")
@@ -241,4 +242,4 @@ def solve_esdirk(f: Callable, y0: torch.Tensor, t: torch.Tensor, method: str, rt
     def make(fct, fc, tdtype):
         return EsdirkScheme(method, fct, fc, tdtype, y0.device, opts, rtol, atol, nrm)
 
-    return run_stiff(f, y0, t, make, rtol, atol, norm, opts, method)
+    return run_stiff(f, y0, t, make, rtol, atol, norm, opts, method, event_fn, t_max)

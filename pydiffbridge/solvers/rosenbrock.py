@@ -33,7 +33,9 @@ differences or the user's ``jac``); the step loop is :mod:`~pydiffbridge.solvers
 
 Gradients: the whole solve is differentiable by direct backprop (``lu_factor_ex``/``lu_solve``
 are; the autograd Jacobian keeps its graph); the step-size decisions are Python floats and
-carry none.  Gradients w.r.t. the output times ``t`` are not propagated.
+carry none.  Gradients w.r.t. the output times ``t`` flow as in the explicit loop (see
+:mod:`~pydiffbridge.solvers.stiff_loop`), and terminal events (``event_fn``) are located on
+the dense output below.
 """
 
 from __future__ import annotations
@@ -240,13 +242,16 @@ def check_stiff_input(method: str, y0: torch.Tensor, opts: dict, allowed) -> Non
 
 
 def solve_stiff(f: Callable, y0: torch.Tensor, t: torch.Tensor, method: str, rtol: Any,
-                atol: Any, norm: Callable | None, opts: dict) -> Solution:
+                atol: Any, norm: Callable | None, opts: dict, event_fn: Callable | None = None,
+                t_max: float = math.inf) -> Solution:
     """Integrate the stiff ``dy/dt = f(t, y)`` on the flat state ``y0`` (shape ``(n,)``) with
     an adaptive Rosenbrock method and report at times ``t``; the same contract as
     :func:`pydiffbridge.solvers.rk.solve_adaptive`: a :class:`Solution` whose ``status`` says
     why it stopped (rows never reached are NaN), never an exception on numerical trouble.
 
-    ``method``: one of :data:`ROSENBROCK_METHODS`; ``opts``: names in :data:`STIFF_OPTIONS`.
+    ``method``: one of :data:`ROSENBROCK_METHODS`; ``opts``: names in :data:`STIFF_OPTIONS`;
+    ``event_fn``/``t_max``: a terminal event, as for
+    :func:`~pydiffbridge.solvers.stiff_loop.run_stiff`.
     """
     if method not in ROSENBROCK_METHODS:
         raise UnknownMethodError(f"unknown Rosenbrock method {method!r}; choose one of "
@@ -256,4 +261,4 @@ def solve_stiff(f: Callable, y0: torch.Tensor, t: torch.Tensor, method: str, rto
     def make(fct, fc, tdtype):
         return RosenbrockScheme(method, fct, fc, tdtype, y0.device, opts)
 
-    return run_stiff(f, y0, t, make, rtol, atol, norm, opts, method)
+    return run_stiff(f, y0, t, make, rtol, atol, norm, opts, method, event_fn, t_max)
