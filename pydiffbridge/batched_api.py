@@ -19,6 +19,8 @@ from .backends.torch import ADAPTIVE_METHODS, STIFF_ADAPTIVE_METHODS, TorchBacke
 from .gradients.settings import GradientSettings
 from .solution import Solution, Stats, Status
 from .solvers.batched import BATCHED_OPTIONS, solve_batched
+from .solvers.batched_stiff import BATCHED_STIFF_METHODS, BATCHED_STIFF_OPTIONS, solve_batched_stiff
+from .solvers.jacobian import check_jacobian_option
 from .solvers.tableaus import TABLEAUS
 
 __all__ = ["batched_solve"]
@@ -74,19 +76,23 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
     if not bool(torch.isfinite(flat0).all()):
         raise E.NonFiniteError("y0 contains NaN or Inf")
     meth = TorchBackend().resolve_method(method)
-    if meth in STIFF_ADAPTIVE_METHODS:
-        raise E.InputError(f"batch_dims: method {meth!r} has no per-sample stepping yet (it steps "
-                           "a batch with one shared step size); drop batch_dims and pass y0 of "
-                           f"shape (B, n) with options={{'jac_blocks': B}} for B independent "
-                           "systems with block-diagonal Newton algebra")
-    if meth not in ADAPTIVE_METHODS:
+    stiff = meth in STIFF_ADAPTIVE_METHODS
+    if stiff and meth not in BATCHED_STIFF_METHODS:
+        raise E.InputError(f"batch_dims: method {meth!r} has no per-sample stepping; use one of "
+                           f"{', '.join(BATCHED_STIFF_METHODS)} (per-sample Rosenbrock steps), "
+                           "or drop batch_dims and pass y0 of shape (B, n) with "
+                           "options={'jac_blocks': B} (one shared step size)")
+    if meth not in ADAPTIVE_METHODS and not stiff:
         raise E.InputError(f"batch_dims gives per-sample adaptive steps; method {meth!r} is "
                            f"fixed-step (one grid for all samples): drop batch_dims for it")
     opts = O.check_options_arg(options)
-    bad = sorted(set(opts) - BATCHED_OPTIONS)
+    allowed = BATCHED_STIFF_OPTIONS if stiff else BATCHED_OPTIONS
+    bad = sorted(set(opts) - allowed)
     if bad:
-        raise E.UnknownOptionError(f"option(s) {bad} not supported with batch_dims; accepted: "
-                                   f"{', '.join(sorted(BATCHED_OPTIONS))}")
+        raise E.UnknownOptionError(f"option(s) {bad} not supported with batch_dims and method "
+                                   f"{meth!r}; accepted: {', '.join(sorted(allowed))}")
+    if stiff:
+        check_jacobian_option(opts, meth)
     O.check_option_values(opts)
     V.check_tolerance(rtol, "rtol")
     V.check_tolerance(atol, "atol")
@@ -156,7 +162,13 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
     rtol_v, atol_v = tol(rtol, "rtol"), tol(atol, "atol")
     V.check_tolerance_pair(rtol_v, atol_v)
     with R.memory_guard(shapes, flat0.dtype, tb.shape[1], flat0.device, batch=B):
-        if gradient == "direct":
+        if gradient == "direct" and stiff:
+            if t.requires_grad and torch.is_grad_enabled():
+                raise E.InputError(f"batch_dims with method {meth!r} does not propagate "
+                                   "gradients w.r.t. the output times t; pass t.detach(), or "
+                                   "use an explicit method (dopri5, tsit5, ...)")
+            sol = solve_batched_stiff(f, flat0, tb, meth, rtol_v, atol_v, opts, parts, tdtype)
+        elif gradient == "direct":
             sol = solve_batched(f, flat0, tb, TABLEAUS[meth], rtol_v, atol_v, opts, parts,
                                 tdtype)
         else:
@@ -169,7 +181,7 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
                                        "adjoint_rtol", "adjoint_atol")
             from .gradients.batched import bridge_batched
 
-            sol = bridge_batched(f, flat0, t, tb, TABLEAUS[meth], rtol_v, atol_v, opts,
+            sol = bridge_batched(f, flat0, t, tb, meth, rtol_v, atol_v, opts,
                                  parts or [n_state], tdtype, params, gradient, adj)
     sol.ts = tb.reshape(*bshape, -1) if t.ndim > 1 else t
     m = sol.ys.shape[0]

@@ -213,10 +213,3 @@ def test_interpolated_adjoint_stiff(adjoint_method):
     for a, d in zip(ga, gd, strict=True):
         assert float((a - d).abs().max() / d.abs().max()) < 1e-6
 
-
-@pytest.mark.parametrize("method", ["rodas5", "auto"])
-def test_batch_dims_points_to_jac_blocks(method):
-    y0 = torch.ones(3, 2, dtype=torch.float64)
-    with pytest.raises(InputError, match="jac_blocks"):
-        pdb.solve(lambda t, y: -y, y0, torch.tensor([0.0, 1.0], dtype=torch.float64),
-                  method=method, batch_dims=1)

@@ -19,11 +19,17 @@ from ..backends.base import SolveSpec, get_backend
 from ..errors import InputError
 from ..solution import Solution
 from ..solvers.batched import solve_batched
-from ..solvers.tableaus import Tableau
+from ..solvers.batched_stiff import BATCHED_STIFF_METHODS, solve_batched_stiff
+from ..solvers.rosenbrock import STIFF_OPTIONS
+from ..solvers.tableaus import TABLEAUS
 from .bridge import bridge_solve
 from .common import block_norm
 
 __all__ = ["bridge_batched"]
+
+#: the per-sample stiff options that the (shared-step) backward solve takes over
+_SHARED_STIFF = STIFF_OPTIONS & {"dtype", "max_num_steps", "first_step", "min_step", "max_step",
+                                 "safety", "ifactor", "dfactor"}
 
 
 class _TimeMap:
@@ -71,16 +77,16 @@ class _PerSampleBackend:
     name = "torch"
     supports_direct_grad = True
 
-    def __init__(self, B: int, n: int, tab: Tableau, rtol: Any, atol: Any, opts: dict,
+    def __init__(self, B: int, n: int, method: str, rtol: Any, atol: Any, opts: dict,
                  parts: list[int], tdtype: torch.dtype, tmap: _TimeMap | None):
-        self.B, self.n, self.tab, self.rtol, self.atol = B, n, tab, rtol, atol
+        self.B, self.n, self.method, self.rtol, self.atol = B, n, method, rtol, atol
         self.opts, self.parts, self.tdtype, self.tmap = opts, parts, tdtype, tmap
 
     def methods(self) -> list[str]:
-        return [self.tab.name]
+        return [self.method]
 
     def resolve_method(self, method: str | None) -> str:
-        return self.tab.name
+        return self.method
 
     def solve(self, func: Callable, y0: torch.Tensor, t: torch.Tensor, spec: Any,
               event_fn: Callable | None = None) -> Solution:
@@ -88,15 +94,20 @@ class _PerSampleBackend:
             raise InputError("batch_dims does not support event_fn")
         B, n = self.B, self.n
         tb = t.detach().expand(B, -1) if self.tmap is None else self.tmap.at(t)
-        sol = solve_batched(lambda tt, yy: func(tt, yy.reshape(-1)).reshape(B, n),
-                            y0.reshape(B, n), tb, self.tab, self.rtol, self.atol, self.opts,
-                            self.parts if len(self.parts) > 1 else None, self.tdtype)
+        fb = lambda tt, yy: func(tt, yy.reshape(-1)).reshape(B, n)  # noqa: E731
+        parts = self.parts if len(self.parts) > 1 else None
+        if self.method in BATCHED_STIFF_METHODS:
+            sol = solve_batched_stiff(fb, y0.reshape(B, n), tb, self.method, self.rtol,
+                                      self.atol, self.opts, parts, self.tdtype)
+        else:
+            sol = solve_batched(fb, y0.reshape(B, n), tb, TABLEAUS[self.method], self.rtol,
+                                self.atol, self.opts, parts, self.tdtype)
         sol.ys = sol.ys.reshape(len(t), B * n)
         return sol
 
 
 def bridge_batched(f: Callable, flat0: torch.Tensor, t: torch.Tensor, tb: torch.Tensor,
-                    tab: Tableau, rtol: Any, atol: Any, opts: dict, parts: list[int],
+                    method: str, rtol: Any, atol: Any, opts: dict, parts: list[int],
                     tdtype: torch.dtype, params: tuple, gradient: str, adj: dict) -> Solution:
     """Per-sample forward, joint adjoint backward: the batch ``(B, n)`` is one flat state of
     the bridge, whose backward solves run on the torch backend with shared steps and an error
@@ -131,17 +142,22 @@ def bridge_batched(f: Callable, flat0: torch.Tensor, t: torch.Tensor, tb: torch.
         return v.reshape(-1) if isinstance(v, torch.Tensor) else v
 
     norm = block_norm(parts * B, B * n)
-    spec = SolveSpec(tab.name, flat(rtol), flat(atol), opts, norm)
+    spec = SolveSpec(method, flat(rtol), flat(atol), opts, norm)
     aopts = dict(adj["options"] or {})
     anorm = aopts.pop("norm", None)
     be = get_backend("torch")
-    aspec = SolveSpec(be.resolve_method(adj["method"]) if adj["method"] else tab.name,
+    base = opts
+    if method in BATCHED_STIFF_METHODS:
+        # the step-size settings carry over to the backward solve; a per-sample jac (of f,
+        # not of the augmented system) and the per-sample output setting do not
+        base = {k: v for k, v in opts.items() if k in _SHARED_STIFF}
+    aspec = SolveSpec(be.resolve_method(adj["method"]) if adj["method"] else method,
                       flat(adj["rtol"] if adj["rtol"] is not None else rtol),
                       flat(adj["atol"] if adj["atol"] is not None else atol),
-                      {**opts, **aopts}, anorm)
+                      {**base, **aopts}, anorm)
     p = SimpleNamespace(y0=flat0.reshape(-1), t=t, func=F, spec=spec, event_fn=None, backend=be,
                         tree=SimpleNamespace(sizes=parts * B, is_tuple=False,
                                              shapes=(torch.Size([B * n]),),
                                              unflatten=lambda x: x))
-    fwd = _PerSampleBackend(B, n, tab, rtol, atol, opts, parts, tdtype, tmap)
+    fwd = _PerSampleBackend(B, n, method, rtol, atol, opts, parts, tdtype, tmap)
     return bridge_solve(p, params, aspec, gradient, forward_backend=fwd)

@@ -145,44 +145,54 @@ def factor(J: torch.Tensor, hg: float):
 _solve = lu_apply
 
 
-def _step_ros23(fc, t: float, y, h: float, f0, ft, lu):
+def _step_ros23(fc, t, y, h, f0, ft, lu, solve=_solve, ht=None, keep=None):
     """One ode23s step (Shampine & Reichelt 1997, Sec. 2); ``lu`` factors I/(h d) - J, so
-    ``W^{-1} r = lu^{-1} r / (h d)`` with ``W = I - h d J``."""
+    ``W^{-1} r = lu^{-1} r / (h d)`` with ``W = I - h d J``.
+
+    Per-sample stepping (:mod:`~pydiffbridge.solvers.batched_stiff`) passes ``t``/``ht`` of
+    shape ``(B,)`` (stage times ``t + c ht``), ``h`` of shape ``(B, 1)`` for the algebra, its
+    block ``solve`` and ``keep``, which zeroes the increments of the samples that do not step
+    (``ht = 0`` for them, ``h`` a safe stand-in); a single solve passes floats."""
+    ht = h if ht is None else ht
+    keep = keep or (lambda v: v)
     hd = h * _D23
     T = ft * hd if ft is not None else None
     r1 = f0 if T is None else f0 + T
-    k1 = _solve(lu, r1) / hd
-    F1 = fc(t + 0.5 * h, y + (0.5 * h) * k1)
-    k2 = _solve(lu, F1 - k1) / hd + k1
+    k1 = keep(solve(lu, r1) / hd)
+    F1 = fc(t + 0.5 * ht, y + (0.5 * h) * k1)
+    k2 = keep(solve(lu, F1 - k1) / hd + k1)
     y1 = y + h * k2
-    F2 = fc(t + h, y1)
+    F2 = fc(t + ht, y1)
     r3 = F2 - _E32 * (k2 - F1) - 2.0 * (k1 - f0)
     if T is not None:
         r3 = r3 + T
-    k3 = _solve(lu, r3) / hd
+    k3 = keep(solve(lu, r3) / hd)
     err = (h / 6.0) * (k1 - 2.0 * k2 + k3)
     return y1, err, (k1, k2)
 
 
-
-def _step_rodas(tab: dict, fc, t: float, y, h: float, f0, ft, lu):
-    """One RODAS step in the transformed form (Hairer & Wanner II, eq. (7.4'))."""
+def _step_rodas(tab: dict, fc, t, y, h, f0, ft, lu, solve=_solve, ht=None, keep=None):
+    """One RODAS step in the transformed form (Hairer & Wanner II, eq. (7.4')); the arguments
+    as for :func:`_step_ros23`."""
+    ht = h if ht is None else ht
     U: list[torch.Tensor] = []
     for i, alpha in enumerate(tab["alpha"]):
-        fi = f0 if i == 0 else fc(t + alpha * h, y + _lin(tab["a"][i], U))
+        fi = f0 if i == 0 else fc(t + alpha * ht, y + _lin(tab["a"][i], U))
         r = fi
         if i:
-            r = r + _lin([c / h for c in tab["c"][i]], U)
+            r = r + _lin(tab["c"][i], U) / h
         g = tab["gammas"][i]
         if ft is not None and g != 0.0:
             r = r + ft * (g * h)
-        U.append(_solve(lu, r))
+        u = solve(lu, r)
+        U.append(keep(u) if keep is not None else u)
     return y + _lin(tab["m"], U), U[-1], tuple(U)
 
 
-def _interp(method: str, s: torch.Tensor, y, y1, h: float, st) -> torch.Tensor:
-    """Dense output at fractions ``s`` (shape (k,)) of the step: rows (k, n)."""
-    s = s[:, None]
+def _interp(method: str, s: torch.Tensor, y, y1, h, st) -> torch.Tensor:
+    """Dense output at fractions ``s`` of the step, broadcast against ``y``, ``y1``, ``h`` and
+    the stages ``st``: ``s`` of shape ``(k, 1)`` with ``(n,)`` vectors gives rows ``(k, n)``;
+    per-sample stepping passes ``(B, k, 1)`` fractions with ``(B, 1, n)`` vectors."""
     if method == "rosenbrock23":
         k1, k2 = st
         den = 1.0 - 2.0 * _D23
@@ -221,7 +231,7 @@ class RosenbrockScheme:
         return _step_rodas(_TABLES[self.method], self.fc, t, y, h, f0, self.ft, lu)
 
     def dense(self, s, t: float, y, y1, h: float, st):
-        return _interp(self.method, s, y, y1, h, st)
+        return _interp(self.method, s[:, None], y, y1, h, st)
 
     def next_h(self, h_used: float, h_new: float, accepted: bool) -> float:
         return h_new

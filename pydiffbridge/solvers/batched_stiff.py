@@ -1,0 +1,349 @@
+"""Per-sample adaptive stepping with the Rosenbrock methods (``batch_dims`` with
+``rosenbrock23``, ``rodas4``, ``rodas5``): every sample of a ``(B, n)`` batch gets its own
+time, step size, accept/reject decision, error norm, status and stats, as in the explicit
+per-sample loop (:mod:`~pydiffbridge.solvers.batched`).
+
+Each iteration computes, for the whole batch at once, ``f``, the per-sample Jacobians
+``J_b = df_b/dy_b`` (shape ``(B, n, n)``; ``n`` batched vector-Jacobian products, see
+:class:`BatchedDerivatives`) and ``df/dt``, then one batched LU of ``I/(h_b gamma) - J_b``
+with each sample's own step, and the stages of :mod:`~pydiffbridge.solvers.rosenbrock` (the
+same step functions, with per-sample ``h``).  ``func`` is always called on the whole batch (it
+may hold per-sample data): a sample that no longer steps (finished or failed) sits at its
+state with stage time increments 0 and stage increments zeroed (its LU uses its last step
+length, so that nothing in it is singular).  A rejected sample retries from the same point
+with a smaller step while the others go on.
+
+Output times: a step never passes more than ``max_outputs_per_step`` pending output times
+(default 8; it lands on the last of them); their rows come from the method's dense output.
+The step-size control is :class:`~pydiffbridge.solvers.controller.Controller`'s I controller
+per sample, with RODAS's limits (growth ≤ 6, shrinkage ≥ 0.2, no growth right after a
+rejection).  The test-only option ``fixed_step=h`` (as in
+:mod:`~pydiffbridge.solvers.stiff_loop`) takes steps of exactly ``h`` and accepts them all.
+
+Gradients: direct backprop through the whole loop (the Jacobians keep their graph: by
+``torch.func`` where ``func`` allows it, else on the tape).  ``t`` gradients are not
+propagated.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+from ..solution import Solution, Stats, Status
+from .batched import _message
+from .jacobian import check_jacobian_option
+from .rosenbrock import _GAMMA, _ORDER, _TABLES, _interp, _step_rodas, _step_ros23
+
+__all__ = ["solve_batched_stiff", "BATCHED_STIFF_OPTIONS", "BATCHED_STIFF_METHODS",
+           "BatchedDerivatives"]
+
+RUNNING = -1
+BATCHED_STIFF_METHODS = ("rosenbrock23", "rodas4", "rodas5")
+BATCHED_STIFF_OPTIONS = frozenset({
+    "dtype", "max_num_steps", "first_step", "min_step", "max_step", "safety", "ifactor",
+    "dfactor", "max_outputs_per_step", "jac", "jacobian", "autonomous", "fixed_step"})
+
+
+class BatchedDerivatives:
+    """``(f0, J, ft)`` of a batched ``f(t, y)`` (``t``: ``(B,)``, ``y``: ``(B, n)``), whose
+    samples are independent: ``J`` of shape ``(B, n, n)``, ``ft = df/dt`` of shape ``(B, n)``
+    (``None`` for an autonomous ``f``, or with ``options['autonomous']``).
+
+    * ``"autograd"``: one evaluation and ``n`` vector-Jacobian products (the unit vector
+      ``e_i`` in every sample at once), batched with ``is_grads_batched``; under autograd
+      through ``torch.func.vjp`` (its own tape: differentiating on the solve's tape would walk
+      the whole history every step), one product a row where ``f`` cannot be vmapped;
+    * ``"fd"``: ``n`` forward differences, increments ``sqrt(eps) max(|y|, 1e-3)``;
+    * a callable ``jac(t, y) -> (B, n, n)``.
+
+    ``calls`` counts the evaluations of ``f`` made here."""
+
+    def __init__(self, f: Callable, opts: dict, method: str):
+        check_jacobian_option(opts, method)
+        kind = opts.get("jacobian", "autograd")
+        self.user = opts.get("jac") or (kind if callable(kind) else None)
+        self.kind = "user" if self.user is not None else kind
+        self.f, self.autonomous = f, bool(opts.get("autonomous", False))
+        self.calls, self._no_func = 0, False
+
+    def __call__(self, t: torch.Tensor, y: torch.Tensor):
+        B, n = y.shape
+        if self.kind == "autograd":
+            out = self._autograd(t, y)
+            if out is not None:
+                return out
+        self.calls += 1
+        f0 = self.f(t, y)
+        if self.kind == "user":
+            J = self.user(t, y)
+            if not isinstance(J, torch.Tensor) or tuple(J.shape) != (B, n, n):
+                got = tuple(J.shape) if isinstance(J, torch.Tensor) else type(J).__name__
+                raise InputError(f"options['jac'] must return a {(B, n, n)} tensor (df/dy of "
+                                 f"each sample, batch_dims), got {got}")
+            J = J.to(device=y.device, dtype=y.dtype)
+        else:
+            J = self._fd(t, y, f0)
+        return f0, J, self._ft_fd(t, y, f0)
+
+    def _ft_fd(self, t, y, f0):
+        if self.autonomous:
+            return None
+        with torch.no_grad():
+            dt = math.sqrt(torch.finfo(y.dtype).eps) * torch.clamp(t.abs(), min=1.0)
+            self.calls += 1
+            return (self.f(t + dt, y.detach()) - f0.detach()) / dt.to(y.dtype)[:, None]
+
+    def _fd(self, t, y, f0):
+        with torch.no_grad():
+            yd, f0d = y.detach(), f0.detach()
+            dy = math.sqrt(torch.finfo(y.dtype).eps) * torch.clamp(yd.abs(), min=1e-3)
+            cols = []
+            for j in range(y.shape[1]):
+                yj = yd.clone()
+                yj[:, j] += dy[:, j]
+                self.calls += 1
+                cols.append((self.f(t, yj) - f0d) / (yj[:, j] - yd[:, j])[:, None])
+            return torch.stack(cols, 2)
+
+    def _autograd(self, t, y):
+        B, n = y.shape
+        eye = torch.eye(n, dtype=y.dtype, device=y.device)[:, None, :].expand(n, B, n)
+        graph = torch.is_grad_enabled()  # J keeps its graph (to y and to f's parameters)
+        tin = t if self.autonomous else t.detach().clone()
+        if graph and y.requires_grad and not self._no_func:
+            try:
+                return self._func(tin, y, eye)
+            except Exception:  # noqa: BLE001 - f not transformable by torch.func: the tape
+                self._no_func = True
+        with torch.enable_grad():
+            yy = y if (graph and y.requires_grad) else y.detach().requires_grad_(True)
+            if not self.autonomous:
+                tin.requires_grad_(True)
+            self.calls += 1
+            fy = self.f(tin, yy)
+            if not fy.requires_grad:  # f detaches its arguments: differences instead
+                J = self._fd(t, y, fy)
+                return fy, J, self._ft_fd(t, y, fy)
+            inputs = (yy,) if self.autonomous else (yy, tin)
+            kw = dict(retain_graph=True, create_graph=graph, allow_unused=True)
+            try:
+                gs = torch.autograd.grad(fy, inputs, eye, is_grads_batched=True, **kw)
+            except RuntimeError:  # not vmap-able: one product a row
+                rows = [torch.autograd.grad(fy, inputs, eye[i], **kw) for i in range(n)]
+                gs = tuple(None if rows[0][k] is None else torch.stack([r[k] for r in rows])
+                           for k in range(len(inputs)))
+        return self._assemble(fy, gs, y, graph)
+
+    def _func(self, t, y, eye):
+        def fn(yq, tq):
+            self.calls += 1
+            return self.f(tq, yq)
+
+        if self.autonomous:
+            fy, vjp = torch.func.vjp(lambda yq: fn(yq, t), y)
+        else:
+            fy, vjp = torch.func.vjp(fn, y, t)
+        gs = torch.vmap(vjp)(eye)
+        return self._assemble(fy, gs, y, True)
+
+    def _assemble(self, fy, gs, y, graph):
+        B, n = y.shape
+        J = gs[0].permute(1, 0, 2) if gs[0] is not None else y.new_zeros((B, n, n))
+        ft = None
+        if not self.autonomous and len(gs) > 1 and gs[1] is not None:
+            ft = gs[1].transpose(0, 1).to(y.dtype)
+        if not graph:
+            fy, J = fy.detach(), J.detach()
+            ft = None if ft is None else ft.detach()
+        return fy, J, ft
+
+
+def _block_solve(lu, r: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.lu_solve(lu[0], lu[1], r[:, :, None])[:, :, 0]
+
+
+def _ratio(err, y, y1, rtol, atol, parts) -> torch.Tensor:
+    """Per-sample error ratio: the RMS (the max over ``parts`` of their RMS) of the scaled
+    error; NaN counts as infinite."""
+    with torch.no_grad():
+        q = err.detach() / (torch.maximum(y.detach().abs(), y1.detach().abs()) * rtol + atol)
+        if parts is None:
+            r = torch.linalg.vector_norm(q, dim=1) / math.sqrt(q.shape[1])
+        else:
+            r = torch.stack([torch.linalg.vector_norm(p, dim=1) / math.sqrt(p.shape[1])
+                             for p in torch.split(q, parts, 1)]).amax(0)
+        return torch.nan_to_num(r.to(torch.float64), nan=math.inf)
+
+
+def _initial_step(f, t0, y0, f0, direction, order, rtol, atol):
+    """Hairer I, Sec. II.4 (a)-(f) per sample (one evaluation of ``f``)."""
+    with torch.no_grad():
+        y0, f0 = y0.detach(), f0.detach()
+        sc = y0.abs() * rtol + atol
+        rms = lambda v: (torch.linalg.vector_norm(v, dim=1)  # noqa: E731
+                         / math.sqrt(v.shape[1])).to(torch.float64)
+        d0, d1 = rms(y0 / sc), rms(f0 / sc)
+        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
+        f1 = f(t0 + direction * h0, y0 + (direction * h0).to(y0.dtype)[:, None] * f0)
+        d2 = rms((f1 - f0) / sc) / h0
+        big = torch.maximum(d1, d2)
+        h1 = torch.where(big <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6),
+                         (0.01 / big) ** (1.0 / order))
+        return torch.where(torch.isfinite(big), torch.minimum(100 * h0, h1), h0)
+
+
+def solve_batched_stiff(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, method: str,
+                        rtol: Any, atol: Any, opts: dict, parts: list[int] | None = None,
+                        tdtype: torch.dtype = torch.float64) -> Solution:
+    """Integrate ``dy/dt = f(t, y)`` for ``y0`` of shape ``(B, n)``, each sample with its own
+    steps, with a Rosenbrock method; the contract of
+    :func:`~pydiffbridge.solvers.batched.solve_batched` (``ys`` of shape ``(m, B, n)``,
+    per-sample stats and status tensors, never an exception on numerical trouble)."""
+    if method not in BATCHED_STIFF_METHODS:
+        raise InputError(f"per-sample stiff stepping (batch_dims) runs "
+                         f"{', '.join(BATCHED_STIFF_METHODS)}; got method {method!r}")
+    if y0.is_complex():
+        raise InputError(f"method {method!r} needs a real state, got {y0.dtype}")
+    B, n = y0.shape
+    m = t_out.shape[1]
+    dev = y0.device
+    T = t_out.detach().to(torch.float64)
+    t0, t_end = T[:, 0], T[:, -1]
+    direction = torch.where(t_end >= t0, 1.0, -1.0).to(torch.float64)
+    calls = [0]
+
+    def fc(tt: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return f(tt.to(tdtype), yy)
+
+    derivs = BatchedDerivatives(lambda tt, yy: f(tt.to(tdtype), yy), opts, method)
+    gamma, order = _GAMMA[method], _ORDER[method]
+    tab = _TABLES.get(method)
+    g = lambda k, d: float(opts.get(k, d))  # noqa: E731
+    safety, ifactor, dfactor = g("safety", 0.9), g("ifactor", 6.0), g("dfactor", 0.2)
+    min_step, max_step = g("min_step", 0.0), g("max_step", math.inf)
+    max_steps = int(opts.get("max_num_steps", 100_000))
+    fixed = opts.get("fixed_step")
+    kmax = max(1, min(m - 1, int(opts.get("max_outputs_per_step", 8))))
+    h_floor = 10 * torch.finfo(torch.float64).eps * torch.maximum(
+        (t_end - t0).abs(), torch.maximum(t0.abs(), t_end.abs()))
+    eye = torch.eye(n, dtype=y0.dtype, device=dev)
+
+    status = torch.where(t_end != t0, RUNNING, int(Status.SUCCESS))
+    nsteps = torch.zeros(B, dtype=torch.long, device=dev)
+    nacc, nfe = nsteps.clone(), nsteps.clone()
+    if torch.is_grad_enabled() and not y0.requires_grad:
+        # build graphs only when something upstream needs them (y0 or a parameter of f, seen
+        # by one evaluation, counted)
+        probe = f(t0.to(tdtype), y0)
+        if not probe.requires_grad:
+            with torch.no_grad():
+                sol = solve_batched_stiff(f, y0, t_out, method, rtol, atol, opts, parts, tdtype)
+            sol.stats.nfe += 1
+            return sol
+    ys = torch.full((m * B + kmax * B, n), float("nan"), dtype=y0.dtype, device=dev)
+    ys[:B] = y0
+    ar = torch.arange(B, device=dev)
+    jk = torch.arange(kmax, device=dev)[None, :]
+    spare = m * B + jk * B + ar[:, None]
+    idx = torch.ones(B, dtype=torch.long, device=dev)
+    tc, y = t0.clone(), y0
+    h = h_safe = None
+    last_rejected = torch.zeros(B, dtype=torch.bool, device=dev)
+    last_nonfinite = last_rejected.clone()
+    while True:
+        running = status == RUNNING
+        if not bool(running.any()):
+            break
+        c0 = calls[0] + derivs.calls
+        f0, J, ft = derivs(tc, y)
+        with torch.no_grad():
+            ok = torch.isfinite(f0).all(1) & torch.isfinite(J).flatten(1).all(1)
+            if ft is not None:
+                ok &= torch.isfinite(ft).all(1)
+        status = torch.where(running & ~ok, int(Status.NONFINITE), status)
+        running = status == RUNNING
+        if not bool(ok.all()):  # (a failed sample keeps a usable, unused J)
+            J = torch.where(ok[:, None, None], J, eye)
+            f0 = torch.where(ok[:, None], f0, 0.0)
+            ft = None if ft is None else torch.where(ok[:, None], ft, 0.0)
+        if h is None:
+            if fixed is not None or opts.get("first_step") is not None:
+                first = fixed if fixed is not None else opts["first_step"]
+                h = torch.full((B,), abs(float(first)), dtype=torch.float64, device=dev)
+            else:
+                h = _initial_step(fc, t0, y, f0, direction, order, rtol, atol)
+                h = torch.minimum(h, (t_end - t0).abs())
+            h = torch.clamp(h, min=min_step, max=max_step)
+            h = torch.where(h > 0, h, 1.0)
+            h_safe = h.clone()
+        stop = T.gather(1, torch.clamp(idx + (kmax - 1), max=m - 1)[:, None])[:, 0]
+        rem = stop - tc
+        hit = rem.abs() <= h * (1 + 1e-12)
+        hs = torch.where(running, torch.where(hit, rem, direction * h), 0.0)
+        t1 = torch.where(hit, stop, tc + hs)
+        hl = torch.where(running & (hs != 0), hs, direction * h_safe)  # the algebra's step
+        hcol = hl.to(y0.dtype)[:, None]
+        lu = torch.linalg.lu_factor_ex(eye / (hcol[:, :, None] * gamma) - J)[:2]
+        mask = running[:, None]
+
+        def keep(u, mask=mask):
+            return torch.where(mask, u, 0.0)
+
+        if method == "rosenbrock23":
+            y1, err, st = _step_ros23(fc, tc, y, hcol, f0, ft, lu, _block_solve, hs, keep)
+        else:
+            y1, err, st = _step_rodas(tab, fc, tc, y, hcol, f0, ft, lu, _block_solve, hs, keep)
+        ratio = _ratio(err, y, y1, rtol, atol, parts)
+        with torch.no_grad():
+            finite = torch.isfinite(y1).all(1) & torch.isfinite(ratio)
+            accept = running & finite & ((ratio <= 1.0) | (hs.abs() <= min_step * (1 + 1e-12))
+                                         | (fixed is not None))
+        nsteps += running
+        nacc += accept
+        nfe += running * (calls[0] + derivs.calls - c0)
+        # dense output at the pending output times inside (tc, t1]
+        oi = idx[:, None] + jk
+        tj = T.gather(1, torch.clamp(oi, max=m - 1))
+        within = accept[:, None] & (oi < m) & ((tj - t1[:, None]) * direction[:, None] <= 0)
+        if bool(within.any()):
+            hsafe = torch.where(hs == 0, 1.0, hs)
+            theta = ((tj - tc[:, None]) / hsafe[:, None]).to(y0.dtype)[:, :, None]
+            vals = _interp(method, theta, y[:, None], y1[:, None], hcol[:, :, None],
+                           tuple(u[:, None] for u in st))
+            vals = torch.where((tj == t1[:, None])[..., None], y1[:, None, :], vals)
+            rows = torch.where(within, oi * B + ar[:, None], spare)
+            ys.index_copy_(0, rows.reshape(-1), vals.reshape(-1, n))
+            idx = idx + within.sum(1)
+        tc = torch.where(accept, t1, tc)
+        y = torch.where(accept[:, None], y1, y)
+        with torch.no_grad():
+            r = torch.where(finite, ratio, math.inf)
+            fac = torch.where(r == 0, ifactor, safety * r ** (-1.0 / order))
+            fac = torch.where(r < 1, torch.clamp(fac, 1.0, ifactor),
+                              torch.clamp(fac, dfactor, 1.0))
+            fac = torch.where(accept & last_rejected, torch.clamp(fac, max=1.0), fac)
+            h_new = torch.clamp(hs.abs() * fac, min=min_step, max=max_step)
+            if fixed is not None:  # a non-finite step fails the sample (no retry)
+                h_new = torch.where(finite, abs(float(fixed)), 0.0)
+            last_rejected = torch.where(running, ~accept, last_rejected)
+            last_nonfinite = torch.where(accept, False, last_nonfinite | (running & ~finite))
+            new = torch.where(accept & (t1 == t_end), int(Status.SUCCESS), RUNNING)
+            code = torch.where(last_nonfinite, int(Status.NONFINITE), int(Status.STEP_UNDERFLOW))
+            new = torch.where((new == RUNNING) & (h_new < h_floor), code, new)
+            new = torch.where((new == RUNNING) & (nsteps >= max_steps), int(Status.MAX_STEPS),
+                              new)
+            status = torch.where(running, new, status)
+            h = torch.where(running & (hs != 0), h_new, h)
+            h_safe = torch.where(running & (hs != 0), hs.abs(), h_safe)
+    out = ys[: m * B].reshape(m, B, n)
+    stats = Stats(nfe=nfe, steps=nsteps, accepted=nacc, rejected=nsteps - nacc)
+    sol = Solution(ys=out, ts=t_out, stats=stats, status=status, backend="torch",
+                   method=method)
+    sol.message = _message(status, tc)
+    return sol
