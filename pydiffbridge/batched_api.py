@@ -163,10 +163,6 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
     V.check_tolerance_pair(rtol_v, atol_v)
     with R.memory_guard(shapes, flat0.dtype, tb.shape[1], flat0.device, batch=B):
         if gradient == "direct" and stiff:
-            if t.requires_grad and torch.is_grad_enabled():
-                raise E.InputError(f"batch_dims with method {meth!r} does not propagate "
-                                   "gradients w.r.t. the output times t; pass t.detach(), or "
-                                   "use an explicit method (dopri5, tsit5, ...)")
             sol = solve_batched_stiff(f, flat0, tb, meth, rtol_v, atol_v, opts, parts, tdtype)
         elif gradient == "direct":
             sol = solve_batched(f, flat0, tb, TABLEAUS[meth], rtol_v, atol_v, opts, parts,

@@ -21,8 +21,11 @@ rejection).  The test-only option ``fixed_step=h`` (as in
 :mod:`~pydiffbridge.solvers.stiff_loop`) takes steps of exactly ``h`` and accepts them all.
 
 Gradients: direct backprop through the whole loop (the Jacobians keep their graph: by
-``torch.func`` where ``func`` allows it, else on the tape).  ``t`` gradients are not
-propagated.
+``torch.func`` where ``func`` allows it, else on the tape).  Gradients w.r.t. the output
+times ``t`` flow as in the single-solve loop (:mod:`~pydiffbridge.solvers.stiff_loop`): time
+runs detached, and each sample's ``t[b, 0]`` re-enters every time ``func`` sees (as
+``t[b, 0] + (tau - tau_0)``, the Jacobian helper's included) and the output fractions, which
+also carry ``t[b, j]``.
 """
 
 from __future__ import annotations
@@ -213,15 +216,20 @@ def solve_batched_stiff(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, meth
     m = t_out.shape[1]
     dev = y0.device
     T = t_out.detach().to(torch.float64)
+    tgrad = t_out.requires_grad and torch.is_grad_enabled()
+    T0g = t_out[:, 0].to(torch.float64) if tgrad else None
+
+    def when(tt: torch.Tensor) -> torch.Tensor:  # the times func sees
+        return (T0g + (tt - T[:, 0]) if tgrad else tt).to(tdtype)
     t0, t_end = T[:, 0], T[:, -1]
     direction = torch.where(t_end >= t0, 1.0, -1.0).to(torch.float64)
     calls = [0]
 
     def fc(tt: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
         calls[0] += 1
-        return f(tt.to(tdtype), yy)
+        return f(when(tt), yy)
 
-    derivs = BatchedDerivatives(lambda tt, yy: f(tt.to(tdtype), yy), opts, method)
+    derivs = BatchedDerivatives(lambda tt, yy: f(when(tt), yy), opts, method)
     gamma, order = _GAMMA[method], _ORDER[method]
     tab = _TABLES.get(method)
     g = lambda k, d: float(opts.get(k, d))  # noqa: E731
@@ -237,7 +245,7 @@ def solve_batched_stiff(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, meth
     status = torch.where(t_end != t0, RUNNING, int(Status.SUCCESS))
     nsteps = torch.zeros(B, dtype=torch.long, device=dev)
     nacc, nfe = nsteps.clone(), nsteps.clone()
-    if torch.is_grad_enabled() and not y0.requires_grad:
+    if torch.is_grad_enabled() and not y0.requires_grad and not tgrad:
         # build graphs only when something upstream needs them (y0 or a parameter of f, seen
         # by one evaluation, counted)
         probe = f(t0.to(tdtype), y0)
@@ -313,10 +321,16 @@ def solve_batched_stiff(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, meth
         within = accept[:, None] & (oi < m) & ((tj - t1[:, None]) * direction[:, None] <= 0)
         if bool(within.any()):
             hsafe = torch.where(hs == 0, 1.0, hs)
-            theta = ((tj - tc[:, None]) / hsafe[:, None]).to(y0.dtype)[:, :, None]
+            if tgrad:  # d/dt[b, j] and d/dt[b, 0] through the fraction
+                tjg = t_out.to(torch.float64).gather(1, torch.clamp(oi, max=m - 1))
+                theta = ((tjg - T0g[:, None]) - (tc - t0)[:, None]) / hsafe[:, None]
+            else:
+                theta = (tj - tc[:, None]) / hsafe[:, None]
+            theta = theta.to(y0.dtype)[:, :, None]
             vals = _interp(method, theta, y[:, None], y1[:, None], hcol[:, :, None],
                            tuple(u[:, None] for u in st))
-            vals = torch.where((tj == t1[:, None])[..., None], y1[:, None, :], vals)
+            if not tgrad:
+                vals = torch.where((tj == t1[:, None])[..., None], y1[:, None, :], vals)
             rows = torch.where(within, oi * B + ar[:, None], spare)
             ys.index_copy_(0, rows.reshape(-1), vals.reshape(-1, n))
             idx = idx + within.sum(1)
