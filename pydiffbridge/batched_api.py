@@ -20,6 +20,7 @@ from .gradients.settings import GradientSettings
 from .solution import Solution, Stats, Status
 from .solvers.batched import BATCHED_OPTIONS, solve_batched
 from .solvers.batched_stiff import BATCHED_STIFF_METHODS, BATCHED_STIFF_OPTIONS, solve_batched_stiff
+from .solvers.esdirk import check_esdirk_options
 from .solvers.jacobian import check_jacobian_option
 from .solvers.tableaus import TABLEAUS
 
@@ -93,6 +94,8 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
                                    f"{meth!r}; accepted: {', '.join(sorted(allowed))}")
     if stiff:
         check_jacobian_option(opts, meth)
+        if meth == "kvaerno5":
+            check_esdirk_options(meth, opts)
     O.check_option_values(opts)
     V.check_tolerance(rtol, "rtol")
     V.check_tolerance(atol, "atol")

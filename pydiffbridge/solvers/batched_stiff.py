@@ -1,5 +1,6 @@
-"""Per-sample adaptive stepping with the Rosenbrock methods (``batch_dims`` with
-``rosenbrock23``, ``rodas4``, ``rodas5``): every sample of a ``(B, n)`` batch gets its own
+"""Per-sample adaptive stepping with the stiff methods (``batch_dims`` with
+``rosenbrock23``, ``rodas4``, ``rodas5`` and ``kvaerno5``, whose step is in
+:mod:`~pydiffbridge.solvers.batched_esdirk`): every sample of a ``(B, n)`` batch gets its own
 time, step size, accept/reject decision, error norm, status and stats, as in the explicit
 per-sample loop (:mod:`~pydiffbridge.solvers.batched`).
 
@@ -36,9 +37,11 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, UnknownOptionError
 from ..solution import Solution, Stats, Status
 from .batched import _message
+from .batched_esdirk import esdirk_step, newton_tol
+from .esdirk import KVAERNO5, _hermite
 from .jacobian import check_jacobian_option
 from .rosenbrock import _GAMMA, _ORDER, _TABLES, _interp, _step_rodas, _step_ros23
 
@@ -46,10 +49,13 @@ __all__ = ["solve_batched_stiff", "BATCHED_STIFF_OPTIONS", "BATCHED_STIFF_METHOD
            "BatchedDerivatives"]
 
 RUNNING = -1
-BATCHED_STIFF_METHODS = ("rosenbrock23", "rodas4", "rodas5")
+BATCHED_STIFF_METHODS = ("rosenbrock23", "rodas4", "rodas5", "kvaerno5")
 BATCHED_STIFF_OPTIONS = frozenset({
     "dtype", "max_num_steps", "first_step", "min_step", "max_step", "safety", "ifactor",
-    "dfactor", "max_outputs_per_step", "jac", "jacobian", "autonomous", "fixed_step"})
+    "dfactor", "max_outputs_per_step", "jac", "jacobian", "autonomous", "fixed_step",
+    "newton_tol", "max_iters"})
+#: the options only kvaerno5 takes (its Newton iterations)
+ESDIRK_ONLY = frozenset({"newton_tol", "max_iters"})
 
 
 class BatchedDerivatives:
@@ -207,6 +213,10 @@ def solve_batched_stiff(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, meth
     steps, with a Rosenbrock method; the contract of
     :func:`~pydiffbridge.solvers.batched.solve_batched` (``ys`` of shape ``(m, B, n)``,
     per-sample stats and status tensors, never an exception on numerical trouble)."""
+    bad = sorted(set(opts) & ESDIRK_ONLY) if method != "kvaerno5" else []
+    if bad:
+        raise UnknownOptionError(f"option(s) {bad} are kvaerno5's (Newton iterations); "
+                                 f"method {method!r} does not take them")
     if method not in BATCHED_STIFF_METHODS:
         raise InputError(f"per-sample stiff stepping (batch_dims) runs "
                          f"{', '.join(BATCHED_STIFF_METHODS)}; got method {method!r}")
@@ -229,11 +239,17 @@ def solve_batched_stiff(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, meth
         calls[0] += 1
         return f(when(tt), yy)
 
-    derivs = BatchedDerivatives(lambda tt, yy: f(when(tt), yy), opts, method)
-    gamma, order = _GAMMA[method], _ORDER[method]
-    tab = _TABLES.get(method)
+    esdirk = method == "kvaerno5"
+    derivs = BatchedDerivatives(lambda tt, yy: f(when(tt), yy),
+                                {**opts, "autonomous": True} if esdirk else opts, method)
+    if esdirk:  # (an ESDIRK needs no df/dt)
+        gamma, order, tab = KVAERNO5["gamma"], KVAERNO5["order"], KVAERNO5
+        ntol, max_iters = newton_tol(rtol, opts), int(opts.get("max_iters") or 10)
+    else:
+        gamma, order, tab = _GAMMA[method], _ORDER[method], _TABLES.get(method)
     g = lambda k, d: float(opts.get(k, d))  # noqa: E731
-    safety, ifactor, dfactor = g("safety", 0.9), g("ifactor", 6.0), g("dfactor", 0.2)
+    safety, dfactor = g("safety", 0.9), g("dfactor", 0.2)
+    ifactor = g("ifactor", 5.0 if esdirk else 6.0)  # (the single solves' defaults)
     min_step, max_step = g("min_step", 0.0), g("max_step", math.inf)
     max_steps = int(opts.get("max_num_steps", 100_000))
     fixed = opts.get("fixed_step")
@@ -303,15 +319,19 @@ def solve_batched_stiff(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, meth
         def keep(u, mask=mask):
             return torch.where(mask, u, 0.0)
 
-        if method == "rosenbrock23":
+        converged = True  # (the Rosenbrock methods solve no nonlinear equations)
+        if esdirk:
+            y1, err, st, converged = esdirk_step(fc, derivs, tc, y, hcol, hs, f0, lu,
+                                                 _block_solve, keep, rtol, atol, ntol, max_iters)
+        elif method == "rosenbrock23":
             y1, err, st = _step_ros23(fc, tc, y, hcol, f0, ft, lu, _block_solve, hs, keep)
         else:
             y1, err, st = _step_rodas(tab, fc, tc, y, hcol, f0, ft, lu, _block_solve, hs, keep)
         ratio = _ratio(err, y, y1, rtol, atol, parts)
         with torch.no_grad():
             finite = torch.isfinite(y1).all(1) & torch.isfinite(ratio)
-            accept = running & finite & ((ratio <= 1.0) | (hs.abs() <= min_step * (1 + 1e-12))
-                                         | (fixed is not None))
+            small = hs.abs() <= min_step * (1 + 1e-12)
+            accept = running & finite & converged & ((ratio <= 1.0) | small | (fixed is not None))
         nsteps += running
         nacc += accept
         nfe += running * (calls[0] + derivs.calls - c0)
@@ -327,8 +347,11 @@ def solve_batched_stiff(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, meth
             else:
                 theta = (tj - tc[:, None]) / hsafe[:, None]
             theta = theta.to(y0.dtype)[:, :, None]
-            vals = _interp(method, theta, y[:, None], y1[:, None], hcol[:, :, None],
-                           tuple(u[:, None] for u in st))
+            stages = tuple(u[:, None] for u in st)
+            if esdirk:
+                vals = _hermite(theta, y[:, None], y1[:, None], hcol[:, :, None], *stages)
+            else:
+                vals = _interp(method, theta, y[:, None], y1[:, None], hcol[:, :, None], stages)
             if not tgrad:
                 vals = torch.where((tj == t1[:, None])[..., None], y1[:, None, :], vals)
             rows = torch.where(within, oi * B + ar[:, None], spare)
@@ -342,9 +365,11 @@ def solve_batched_stiff(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, meth
             fac = torch.where(r < 1, torch.clamp(fac, 1.0, ifactor),
                               torch.clamp(fac, dfactor, 1.0))
             fac = torch.where(accept & last_rejected, torch.clamp(fac, max=1.0), fac)
+            if esdirk:  # a Newton failure: retry with half the step (as EsdirkScheme)
+                fac = torch.where(finite & ~converged, 0.5, fac)
             h_new = torch.clamp(hs.abs() * fac, min=min_step, max=max_step)
-            if fixed is not None:  # a non-finite step fails the sample (no retry)
-                h_new = torch.where(finite, abs(float(fixed)), 0.0)
+            if fixed is not None:  # a non-finite (or unconverged) step fails the sample
+                h_new = torch.where(finite & converged, abs(float(fixed)), 0.0)
             last_rejected = torch.where(running, ~accept, last_rejected)
             last_nonfinite = torch.where(accept, False, last_nonfinite | (running & ~finite))
             new = torch.where(accept & (t1 == t_end), int(Status.SUCCESS), RUNNING)

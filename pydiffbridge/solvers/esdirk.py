@@ -88,9 +88,10 @@ KVAERNO5 = {
 }
 
 
-def _hermite(s: torch.Tensor, y, y1, h: float, f0, f1) -> torch.Tensor:
-    """Cubic Hermite through ``(y, f0)`` and ``(y1, f1)`` at fractions ``s``: rows (k, n)."""
-    s = s[:, None]
+def _hermite(s: torch.Tensor, y, y1, h, f0, f1) -> torch.Tensor:
+    """Cubic Hermite through ``(y, f0)`` and ``(y1, f1)`` at fractions ``s``, broadcast against
+    the vectors: ``s`` of shape ``(k, 1)`` gives rows ``(k, n)`` (per-sample stepping passes
+    ``(B, k, 1)`` with ``(B, 1, n)`` vectors)."""
     s2, s3 = s * s, s * s * s
     return (y + (3 * s2 - 2 * s3) * (y1 - y) + (h * (s3 - 2 * s2 + s)) * f0
             + (h * (s3 - s2)) * f1)
@@ -207,7 +208,7 @@ class EsdirkScheme:
         return z - lu_apply(luz, G)
 
     def dense(self, s, t: float, y, y1, h: float, st):
-        return _hermite(s, y, y1, h, st[0], st[1])
+        return _hermite(s[:, None], y, y1, h, st[0], st[1])
 
     def next_h(self, h_used: float, h_new: float, accepted: bool) -> float:
         if accepted and 1.0 <= h_new / h_used <= 1.2:
