@@ -24,7 +24,7 @@ from .controller import BufferedScale, error_scale
 from .interp import interp_weights
 from .tableaus import Tableau, coefficients
 
-__all__ = ["_Batched", "_namespace"]
+__all__ = ["_Batched", "_namespace", "per_sample_rms", "per_sample_initial_step"]
 
 
 def _bad_output(k, y) -> None:
@@ -43,6 +43,33 @@ def _interp_poly(tab: Tableau, dtype: torch.dtype, device: torch.device):
         V = nodes[:, None] ** torch.arange(6, dtype=torch.float64)
         P = torch.linalg.solve(V, interp_weights(tab, nodes)).to(dtype=dtype, device=device)
         return P, torch.arange(6, device=device, dtype=dtype)
+
+
+def per_sample_rms(x: torch.Tensor, parts: list[int] | None) -> torch.Tensor:
+    """Per-sample RMS of ``x`` (``(B, n) -> (B,)``), the max over ``parts`` of their RMS for a
+    tuple state: the error norm of the per-sample loops (batched.py, batched_stiff.py)."""
+    x = x.abs() if x.is_complex() else x
+    if parts is None:
+        return torch.linalg.vector_norm(x, dim=1).mul_(1 / math.sqrt(x.shape[1]))
+    return torch.stack([torch.linalg.vector_norm(p, dim=1) / math.sqrt(p.shape[1])
+                        for p in torch.split(x, parts, dim=1)]).amax(0)
+
+
+def per_sample_initial_step(fc: Callable, norm: Callable, order: int, rtol, atol, t0, y0, f0,
+                            direction) -> torch.Tensor:
+    """Hairer I, Sec. II.4 (a)-(f), per sample (``t0``, ``direction``: ``(B,)``; ``y0``,
+    ``f0``: ``(B, n)``; ``norm``: ``(B, n) -> (B,)``); one evaluation of ``fc``."""
+    sc = y0.abs() * rtol + atol
+    d0, d1 = norm(y0 / sc), norm(f0 / sc)
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+    h0 = h0.to(t0.dtype)
+    f1 = fc(t0 + direction * h0, y0 + (direction * h0).to(y0.dtype)[:, None] * f0)
+    d2 = norm((f1 - f0) / sc).to(t0.dtype) / h0
+    big = torch.maximum(d1.to(t0.dtype), d2)
+    h1 = torch.where(big <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6),
+                     (0.01 / big) ** (1.0 / order))
+    h = torch.minimum(100 * h0, h1)
+    return torch.where(torch.isfinite(big), h, h0)
 
 
 class _Batched:
@@ -74,25 +101,12 @@ class _Batched:
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         """Per-sample RMS (max over the parts of a tuple state): ``(B, n) -> (B,)``."""
-        x = x.abs() if x.is_complex() else x
-        if self.parts is None:
-            return torch.linalg.vector_norm(x, dim=1).mul_(1 / math.sqrt(x.shape[1]))
-        return torch.stack([torch.linalg.vector_norm(p, dim=1) / math.sqrt(p.shape[1])
-                            for p in torch.split(x, self.parts, dim=1)]).amax(0)
+        return per_sample_rms(x, self.parts)
 
     def initial_step(self, t0, y0, f0, direction):
         """Hairer I, Sec. II.4 (a)-(f), per sample; one evaluation of ``f``."""
-        sc = y0.abs() * self.rtol + self.atol
-        d0, d1 = self.norm(y0 / sc), self.norm(f0 / sc)
-        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
-        h0 = h0.to(t0.dtype)
-        f1 = self.fc(t0 + direction * h0, y0 + (direction * h0).to(y0.dtype)[:, None] * f0)
-        d2 = self.norm((f1 - f0) / sc).to(t0.dtype) / h0
-        big = torch.maximum(d1.to(t0.dtype), d2)
-        h1 = torch.where(big <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6),
-                         (0.01 / big) ** (1.0 / self.tab.order))
-        h = torch.minimum(100 * h0, h1)
-        return torch.where(torch.isfinite(big), h, h0)
+        return per_sample_initial_step(self.fc, self.norm, self.tab.order, self.rtol, self.atol,
+                                       t0, y0, f0, direction)
 
     def next_h(self, ns, h, ratio, prev, prev2, finite: bool = False):
         """Vectorised :class:`~pydiffbridge.solvers.controller.Controller` (arrays of

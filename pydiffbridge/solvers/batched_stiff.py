@@ -41,6 +41,7 @@ from ..errors import InputError, UnknownOptionError
 from ..solution import Solution, Stats, Status
 from .batched import _message
 from .batched_esdirk import esdirk_step, newton_tol
+from .batched_step import per_sample_initial_step, per_sample_rms
 from .esdirk import KVAERNO5, _hermite
 from .jacobian import check_jacobian_option
 from .rosenbrock import _GAMMA, _ORDER, _TABLES, _interp, _step_rodas, _step_ros23
@@ -181,29 +182,8 @@ def _ratio(err, y, y1, rtol, atol, parts) -> torch.Tensor:
     error; NaN counts as infinite."""
     with torch.no_grad():
         q = err.detach() / (torch.maximum(y.detach().abs(), y1.detach().abs()) * rtol + atol)
-        if parts is None:
-            r = torch.linalg.vector_norm(q, dim=1) / math.sqrt(q.shape[1])
-        else:
-            r = torch.stack([torch.linalg.vector_norm(p, dim=1) / math.sqrt(p.shape[1])
-                             for p in torch.split(q, parts, 1)]).amax(0)
+        r = per_sample_rms(q, parts)
         return torch.nan_to_num(r.to(torch.float64), nan=math.inf)
-
-
-def _initial_step(f, t0, y0, f0, direction, order, rtol, atol):
-    """Hairer I, Sec. II.4 (a)-(f) per sample (one evaluation of ``f``)."""
-    with torch.no_grad():
-        y0, f0 = y0.detach(), f0.detach()
-        sc = y0.abs() * rtol + atol
-        rms = lambda v: (torch.linalg.vector_norm(v, dim=1)  # noqa: E731
-                         / math.sqrt(v.shape[1])).to(torch.float64)
-        d0, d1 = rms(y0 / sc), rms(f0 / sc)
-        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
-        f1 = f(t0 + direction * h0, y0 + (direction * h0).to(y0.dtype)[:, None] * f0)
-        d2 = rms((f1 - f0) / sc) / h0
-        big = torch.maximum(d1, d2)
-        h1 = torch.where(big <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6),
-                         (0.01 / big) ** (1.0 / order))
-        return torch.where(torch.isfinite(big), torch.minimum(100 * h0, h1), h0)
 
 
 def solve_batched_stiff(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, method: str,
@@ -301,7 +281,10 @@ def solve_batched_stiff(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, meth
                 first = fixed if fixed is not None else opts["first_step"]
                 h = torch.full((B,), abs(float(first)), dtype=torch.float64, device=dev)
             else:
-                h = _initial_step(fc, t0, y, f0, direction, order, rtol, atol)
+                with torch.no_grad():
+                    h = per_sample_initial_step(fc, lambda x: per_sample_rms(x, parts), order,
+                                                rtol, atol, t0, y.detach(), f0.detach(),
+                                                direction)
                 h = torch.minimum(h, (t_end - t0).abs())
             h = torch.clamp(h, min=min_step, max=max_step)
             h = torch.where(h > 0, h, 1.0)
