@@ -6,7 +6,18 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-__all__ = ["to_markdown", "plot"]
+__all__ = ["to_markdown", "plot", "save_report"]
+
+
+def save_report(res: dict, md: str, out: Path, stem: str) -> list[Path]:
+    """Write ``res`` as strict JSON and ``md`` as ``out/stem.json`` and ``out/stem.md``, each
+    atomically; returns the two paths (markdown first)."""
+    from ..checkpoint import write_json_atomic, write_text_atomic
+
+    paths = [out / f"{stem}.md", out / f"{stem}.json"]
+    write_json_atomic(res, paths[1], indent=1)
+    write_text_atomic(md, paths[0])
+    return paths
 
 
 def _fmt(v, spec=".3g") -> str:

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .problems import PROBLEMS, Problem, make_problem
-from .report import plot, to_markdown
+from .report import plot, save_report, to_markdown
 
 __all__ = ["main", "run_bench"]
 
@@ -312,8 +312,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m pydiffbridge bench`` and ``pydiffbridge-bench``."""
-    from ..checkpoint import write_json_atomic, write_text_atomic
-
     ap = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--preset=stiff" in argv or any(a == "--preset" and b == "stiff"
@@ -333,12 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = run_bench(args)
-    write_json_atomic(res, out / "results.json", indent=1)
     md = to_markdown(res)
-    write_text_atomic(md, out / "results.md")
+    paths = save_report(res, md, out, "results")
     plot(res, out / "work_precision.png")
     print(md)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'work_precision.png'}")
+    print(f"wrote {', '.join(map(str, paths))}, {out / 'work_precision.png'}")
     return 0
 
 

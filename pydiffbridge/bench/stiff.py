@@ -205,15 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..checkpoint import write_json_atomic, write_text_atomic
+    from .report import save_report
 
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = run_stiff_bench(args)
-    write_json_atomic(res, out / "stiff.json", indent=1)
     md = to_markdown(res)
-    write_text_atomic(md, out / "stiff.md")
+    paths = save_report(res, md, out, "stiff")
     print(md)
-    print(f"wrote {out / 'stiff.md'}, {out / 'stiff.json'}")
+    print(f"wrote {', '.join(map(str, paths))}")
     return 0
