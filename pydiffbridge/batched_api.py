@@ -18,6 +18,7 @@ from ._tree import Tree
 from .backends.torch import ADAPTIVE_METHODS, STIFF_ADAPTIVE_METHODS, TorchBackend
 from .gradients.settings import GradientSettings
 from .solution import Solution, Stats, Status
+from .solvers.autoswitch import check_auto_options
 from .solvers.batched import BATCHED_OPTIONS, solve_batched
 from .solvers.batched_stiff import BATCHED_STIFF_METHODS, BATCHED_STIFF_OPTIONS, solve_batched_stiff
 from .solvers.esdirk import check_esdirk_options
@@ -78,11 +79,7 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
         raise E.NonFiniteError("y0 contains NaN or Inf")
     meth = TorchBackend().resolve_method(method)
     stiff = meth in STIFF_ADAPTIVE_METHODS
-    if stiff and meth not in BATCHED_STIFF_METHODS:
-        raise E.InputError(f"batch_dims: method {meth!r} has no per-sample stepping; use one of "
-                           f"{', '.join(BATCHED_STIFF_METHODS)} (per-sample Rosenbrock steps), "
-                           "or drop batch_dims and pass y0 of shape (B, n) with "
-                           "options={'jac_blocks': B} (one shared step size)")
+    assert not stiff or meth in BATCHED_STIFF_METHODS  # (every stiff method steps per sample)
     if meth not in ADAPTIVE_METHODS and not stiff:
         raise E.InputError(f"batch_dims gives per-sample adaptive steps; method {meth!r} is "
                            f"fixed-step (one grid for all samples): drop batch_dims for it")
@@ -96,6 +93,8 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
         check_jacobian_option(opts, meth)
         if meth == "kvaerno5":
             check_esdirk_options(meth, opts)
+        if meth == "auto":
+            check_auto_options(opts)
     O.check_option_values(opts)
     V.check_tolerance(rtol, "rtol")
     V.check_tolerance(atol, "atol")

@@ -251,8 +251,6 @@ def test_bad_inputs_raise_clear_errors():
     f = lambda t, y: -y  # noqa: E731
     y0 = torch.ones(2, 3, dtype=D)
     t = torch.tensor([0.0, 1.0], dtype=D)
-    with pytest.raises(InputError, match="jac_blocks"):
-        pdb.solve(f, y0, t, method="auto", batch_dims=1)
     with pytest.raises(UnknownOptionError, match="kvaerno5"):
         pdb.solve(f, y0, t, method="rodas5", batch_dims=1, options={"newton_tol": 1e-3})
     with pytest.raises(InputError, match="newton_tol"):

@@ -22,6 +22,7 @@ def test_stiff_preset_runs(tmp_path):
     methods = {(r["mode"], r["solver"], r["method"]) for r in res["rows"]}
     assert ("single", "torch", "rodas5") in methods and ("single", "scipy", "Radau") in methods
     assert ("batch2", "torch", "rodas5/per-sample") in methods
+    assert ("batch2", "torch", "auto/per-sample") in methods
     assert ("batch2", "torch", "rodas5/shared") in methods and ("batch2", "scipy", "BDF") in methods
     assert all(r["ok"] for r in res["rows"])
     assert res["ratios"] and "ratio" in (tmp_path / "stiff.md").read_text()

@@ -8,12 +8,13 @@ Radau at rtol 1e-10.  SciPy gets the analytic Jacobian (its best case); ours use
 
 Batched: ``--batch`` independent copies with perturbed initial states
 (:func:`~pydiffbridge.bench.stiff_problems.ensemble`): ours two ways, as one solve of the
-``(B, n)`` state with per-sample steps (``batch_dims=1``, method ``rodas5/per-sample``) and
-with one shared step size and a block-diagonal Jacobian (``options={"jac_blocks": B}``, method
-``rodas5/shared``); both make ``B`` LU factorisations of ``n x n`` per step.  SciPy solves
-the ``B`` problems one at a time (its per-problem steps; the time is the sum).  Steps of a
-per-sample run: the most any sample took; NFE: the sum over samples.  The error is the worst
-of the first and last sample against their own Radau references.
+``(B, n)`` state with per-sample steps (``batch_dims=1``, methods ``rodas5/per-sample`` and
+``auto/per-sample``, the latter switching per sample between tsit5 and rodas5) and with one
+shared step size and a block-diagonal Jacobian (``options={"jac_blocks": B}``, method
+``rodas5/shared``); the rodas5 runs make ``B`` LU factorisations of ``n x n`` per step.
+SciPy solves the ``B`` problems one at a time (its per-problem steps; the time is the sum).
+Steps of a per-sample run: the most any sample took; NFE: the sum over samples.  The error is
+the worst of the first and last sample against their own Radau references.
 
 Ratios are "at equal achieved error": for each SciPy run, ours' time at the same error is
 read off its work-precision curve (log-log linear interpolation, no extrapolation), and the
@@ -110,13 +111,15 @@ def run_stiff_bench(args: argparse.Namespace) -> dict:
             yb = ensemble(p, B)
             refs = {b: _reference(p, yb[b].numpy(), tn) for b in (0, B - 1)}
             for tol in args.batch_tols:
-                for how, run in (("per-sample", _ours(p, yb, t, "rodas5", tol, {}, 1)),
-                                 ("shared", _ours(p, yb, t, "rodas5", tol, {"jac_blocks": B}))):
+                for how, run in (
+                        ("rodas5/per-sample", _ours(p, yb, t, "rodas5", tol, {}, 1)),
+                        ("auto/per-sample", _ours(p, yb, t, "auto", tol, {}, 1)),
+                        ("rodas5/shared", _ours(p, yb, t, "rodas5", tol, {"jac_blocks": B}))):
                     sec, sol = _timed(run, 1)
                     err = max(_error(sol.ys[:, b].numpy(), refs[b], p.atol_scale) for b in refs)
                     steps, nfe = torch.as_tensor(sol.stats.steps), torch.as_tensor(sol.stats.nfe)
                     rows.append(dict(problem=name, mode=f"batch{B}", solver="torch",
-                                     method=f"rodas5/{how}", rtol=tol, ok=bool(sol.success),
+                                     method=how, rtol=tol, ok=bool(sol.success),
                                      time_s=sec, steps=int(steps.max()), nfe=int(nfe.sum()),
                                      error=err))
                 for m in SCIPY:

@@ -19,7 +19,7 @@ from ..backends.base import SolveSpec, get_backend
 from ..errors import InputError
 from ..solution import Solution
 from ..solvers.batched import solve_batched
-from ..solvers.batched_stiff import BATCHED_STIFF_METHODS, solve_batched_stiff
+from ..solvers.batched_stiff import AUTO_ONLY, BATCHED_STIFF_METHODS, solve_batched_stiff
 from ..solvers.rosenbrock import STIFF_OPTIONS
 from ..solvers.tableaus import TABLEAUS
 from .bridge import bridge_solve
@@ -147,11 +147,14 @@ def bridge_batched(f: Callable, flat0: torch.Tensor, t: torch.Tensor, tb: torch.
     anorm = aopts.pop("norm", None)
     be = get_backend("torch")
     base = opts
+    back = be.resolve_method(adj["method"]) if adj["method"] else method
     if method in BATCHED_STIFF_METHODS:
-        # the step-size settings carry over to the backward solve; a per-sample jac (of f,
-        # not of the augmented system) and the per-sample output setting do not
-        base = {k: v for k, v in opts.items() if k in _SHARED_STIFF}
-    aspec = SolveSpec(be.resolve_method(adj["method"]) if adj["method"] else method,
+        # the step-size settings carry over to the backward solve (and auto's switching
+        # settings to a backward auto); a per-sample jac (of f, not of the augmented system)
+        # and the per-sample output setting do not
+        take = _SHARED_STIFF | (AUTO_ONLY if back == "auto" else frozenset())
+        base = {k: v for k, v in opts.items() if k in take}
+    aspec = SolveSpec(back,
                       flat(adj["rtol"] if adj["rtol"] is not None else rtol),
                       flat(adj["atol"] if adj["atol"] is not None else atol),
                       {**base, **aopts}, anorm)

@@ -50,13 +50,15 @@ __all__ = ["solve_batched_stiff", "BATCHED_STIFF_OPTIONS", "BATCHED_STIFF_METHOD
            "BatchedDerivatives"]
 
 RUNNING = -1
-BATCHED_STIFF_METHODS = ("rosenbrock23", "rodas4", "rodas5", "kvaerno5")
+BATCHED_STIFF_METHODS = ("rosenbrock23", "rodas4", "rodas5", "kvaerno5", "auto")
 BATCHED_STIFF_OPTIONS = frozenset({
     "dtype", "max_num_steps", "first_step", "min_step", "max_step", "safety", "ifactor",
     "dfactor", "max_outputs_per_step", "jac", "jacobian", "autonomous", "fixed_step",
-    "newton_tol", "max_iters"})
+    "newton_tol", "max_iters", "stiff_method", "stiff_detect", "nonstiff_detect"})
 #: the options only kvaerno5 takes (its Newton iterations)
 ESDIRK_ONLY = frozenset({"newton_tol", "max_iters"})
+#: the options only method="auto" takes (its stiffness switching)
+AUTO_ONLY = frozenset({"stiff_method", "stiff_detect", "nonstiff_detect"})
 
 
 class BatchedDerivatives:
@@ -186,16 +188,91 @@ def _ratio(err, y, y1, rtol, atol, parts) -> torch.Tensor:
         return torch.nan_to_num(r.to(torch.float64), nan=math.inf)
 
 
+class ImplicitStep:
+    """One per-sample step of a Rosenbrock method or ``kvaerno5`` for the loop of
+    :func:`solve_batched_stiff`: ``start`` takes ``f``, ``J`` (and ``df/dt``) at the step
+    starts, ``attempt`` one batched LU and the stages, ``dense`` the method's dense output.
+    :class:`~pydiffbridge.solvers.batched_auto.AutoStep` has the same four methods."""
+
+    def __init__(self, method: str, fc: Callable, derivs: BatchedDerivatives, opts: dict, rtol,
+                 atol, parts, eye: torch.Tensor):
+        self.method, self.fc, self.derivs, self.eye = method, fc, derivs, eye
+        self.rtol, self.atol, self.parts = rtol, atol, parts
+        self.esdirk = method == "kvaerno5"
+        if self.esdirk:  # (an ESDIRK needs no df/dt)
+            self.gamma, self.order, self.tab = KVAERNO5["gamma"], KVAERNO5["order"], KVAERNO5
+            self.ntol, self.max_iters = newton_tol(rtol, opts), int(opts.get("max_iters") or 10)
+        else:
+            self.gamma, self.order, self.tab = _GAMMA[method], _ORDER[method], _TABLES.get(method)
+        self.J = self.ft = None
+
+    def start(self, tc: torch.Tensor, y: torch.Tensor, running: torch.Tensor):
+        """``(f0, ok)``: ``f(tc, y)`` and the samples whose ``f``, ``J`` (and ``df/dt``) are
+        finite; a failed sample keeps a usable, unused ``J``."""
+        f0, J, ft = self.derivs(tc, y)
+        with torch.no_grad():
+            okj = torch.isfinite(J).flatten(1).all(1)
+            if ft is not None:
+                okj &= torch.isfinite(ft).all(1)
+            ok = torch.isfinite(f0).all(1) & (okj | ~running)
+        if not bool((ok & okj).all()):
+            J = torch.where((ok & okj)[:, None, None], J, self.eye)
+            ft = None if ft is None else torch.where((ok & okj)[:, None], ft, 0.0)
+        self.J, self.ft = J, ft
+        return torch.where(ok[:, None], f0, 0.0) if not bool(ok.all()) else f0, ok
+
+    def attempt(self, tc, y, f0, hs, hl, mask):
+        """One step of ``hs`` from ``(tc, y)`` (``f0 = f(tc, y)``; ``hs = 0`` for the samples
+        outside ``mask``, ``hl`` the algebra's nonzero step): ``(y1, ratio, st, converged)``,
+        ``converged`` ``None`` or the samples whose Newton iterations converged."""
+        hcol = hl.to(y.dtype)[:, None]
+        lu = torch.linalg.lu_factor_ex(self.eye / (hcol[:, :, None] * self.gamma) - self.J)[:2]
+        m = mask[:, None]
+
+        def keep(u):
+            return torch.where(m, u, 0.0)
+
+        converged = None  # (the Rosenbrock methods solve no nonlinear equations)
+        if self.esdirk:
+            y1, err, st, converged = esdirk_step(self.fc, self.derivs, tc, y, hcol, hs, f0,
+                                                 lu, _block_solve, keep, self.rtol, self.atol,
+                                                 self.ntol, self.max_iters)
+        elif self.method == "rosenbrock23":
+            y1, err, st = _step_ros23(self.fc, tc, y, hcol, f0, self.ft, lu, _block_solve,
+                                      hs, keep)
+        else:
+            y1, err, st = _step_rodas(self.tab, self.fc, tc, y, hcol, f0, self.ft, lu,
+                                      _block_solve, hs, keep)
+        return y1, _ratio(err, y, y1, self.rtol, self.atol, self.parts), st, converged
+
+    def dense(self, theta, y, y1, hcol, st):
+        """Rows ``(B, k, n)`` at the step fractions ``theta`` ``(B, k, 1)``."""
+        stages = tuple(u[:, None] for u in st)
+        if self.esdirk:
+            return _hermite(theta, y[:, None], y1[:, None], hcol[:, :, None], *stages)
+        return _interp(self.method, theta, y[:, None], y1[:, None], hcol[:, :, None], stages)
+
+    def after(self, accept, running, h_new) -> None:
+        """Bookkeeping after a step's decisions (nothing for a single method)."""
+
+    def stats(self) -> dict:
+        return {}
+
+
 def solve_batched_stiff(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, method: str,
                         rtol: Any, atol: Any, opts: dict, parts: list[int] | None = None,
                         tdtype: torch.dtype = torch.float64) -> Solution:
     """Integrate ``dy/dt = f(t, y)`` for ``y0`` of shape ``(B, n)``, each sample with its own
-    steps, with a Rosenbrock method; the contract of
+    steps, with a Rosenbrock method, ``kvaerno5`` or ``auto``; the contract of
     :func:`~pydiffbridge.solvers.batched.solve_batched` (``ys`` of shape ``(m, B, n)``,
     per-sample stats and status tensors, never an exception on numerical trouble)."""
     bad = sorted(set(opts) & ESDIRK_ONLY) if method != "kvaerno5" else []
     if bad:
         raise UnknownOptionError(f"option(s) {bad} are kvaerno5's (Newton iterations); "
+                                 f"method {method!r} does not take them")
+    bad = sorted(set(opts) & AUTO_ONLY) if method != "auto" else []
+    if bad:
+        raise UnknownOptionError(f"option(s) {bad} are method='auto''s (stiffness switching); "
                                  f"method {method!r} does not take them")
     if method not in BATCHED_STIFF_METHODS:
         raise InputError(f"per-sample stiff stepping (batch_dims) runs "
@@ -219,24 +296,26 @@ def solve_batched_stiff(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, meth
         calls[0] += 1
         return f(when(tt), yy)
 
-    esdirk = method == "kvaerno5"
+    inner = opts.get("stiff_method", "rodas5") if method == "auto" else method
     derivs = BatchedDerivatives(lambda tt, yy: f(when(tt), yy),
-                                {**opts, "autonomous": True} if esdirk else opts, method)
-    if esdirk:  # (an ESDIRK needs no df/dt)
-        gamma, order, tab = KVAERNO5["gamma"], KVAERNO5["order"], KVAERNO5
-        ntol, max_iters = newton_tol(rtol, opts), int(opts.get("max_iters") or 10)
+                                {**opts, "autonomous": True} if inner == "kvaerno5" else opts,
+                                inner)
+    eye = torch.eye(n, dtype=y0.dtype, device=dev)
+    if method == "auto":
+        from .batched_auto import AutoStep
+
+        scheme: Any = AutoStep(fc, derivs, opts, rtol, atol, parts, eye, y0, tdtype)
     else:
-        gamma, order, tab = _GAMMA[method], _ORDER[method], _TABLES.get(method)
+        scheme = ImplicitStep(method, fc, derivs, opts, rtol, atol, parts, eye)
     g = lambda k, d: float(opts.get(k, d))  # noqa: E731
     safety, dfactor = g("safety", 0.9), g("dfactor", 0.2)
-    ifactor = g("ifactor", 5.0 if esdirk else 6.0)  # (the single solves' defaults)
+    ifactor = g("ifactor", 5.0 if method == "kvaerno5" else 6.0)  # (the single solves')
     min_step, max_step = g("min_step", 0.0), g("max_step", math.inf)
     max_steps = int(opts.get("max_num_steps", 100_000))
     fixed = opts.get("fixed_step")
     kmax = max(1, min(m - 1, int(opts.get("max_outputs_per_step", 8))))
     h_floor = 10 * torch.finfo(torch.float64).eps * torch.maximum(
         (t_end - t0).abs(), torch.maximum(t0.abs(), t_end.abs()))
-    eye = torch.eye(n, dtype=y0.dtype, device=dev)
 
     status = torch.where(t_end != t0, RUNNING, int(Status.SUCCESS))
     nsteps = torch.zeros(B, dtype=torch.long, device=dev)
@@ -265,24 +344,17 @@ def solve_batched_stiff(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, meth
         if not bool(running.any()):
             break
         c0 = calls[0] + derivs.calls
-        f0, J, ft = derivs(tc, y)
-        with torch.no_grad():
-            ok = torch.isfinite(f0).all(1) & torch.isfinite(J).flatten(1).all(1)
-            if ft is not None:
-                ok &= torch.isfinite(ft).all(1)
+        f0, ok = scheme.start(tc, y, running)
         status = torch.where(running & ~ok, int(Status.NONFINITE), status)
         running = status == RUNNING
-        if not bool(ok.all()):  # (a failed sample keeps a usable, unused J)
-            J = torch.where(ok[:, None, None], J, eye)
-            f0 = torch.where(ok[:, None], f0, 0.0)
-            ft = None if ft is None else torch.where(ok[:, None], ft, 0.0)
         if h is None:
             if fixed is not None or opts.get("first_step") is not None:
                 first = fixed if fixed is not None else opts["first_step"]
                 h = torch.full((B,), abs(float(first)), dtype=torch.float64, device=dev)
             else:
                 with torch.no_grad():
-                    h = per_sample_initial_step(fc, lambda x: per_sample_rms(x, parts), order,
+                    h = per_sample_initial_step(fc, lambda x: per_sample_rms(x, parts),
+                                                float(torch.as_tensor(scheme.order).max()),
                                                 rtol, atol, t0, y.detach(), f0.detach(),
                                                 direction)
                 h = torch.minimum(h, (t_end - t0).abs())
@@ -296,25 +368,16 @@ def solve_batched_stiff(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, meth
         t1 = torch.where(hit, stop, tc + hs)
         hl = torch.where(running & (hs != 0), hs, direction * h_safe)  # the algebra's step
         hcol = hl.to(y0.dtype)[:, None]
-        lu = torch.linalg.lu_factor_ex(eye / (hcol[:, :, None] * gamma) - J)[:2]
-        mask = running[:, None]
-
-        def keep(u, mask=mask):
-            return torch.where(mask, u, 0.0)
-
-        converged = True  # (the Rosenbrock methods solve no nonlinear equations)
-        if esdirk:
-            y1, err, st, converged = esdirk_step(fc, derivs, tc, y, hcol, hs, f0, lu,
-                                                 _block_solve, keep, rtol, atol, ntol, max_iters)
-        elif method == "rosenbrock23":
-            y1, err, st = _step_ros23(fc, tc, y, hcol, f0, ft, lu, _block_solve, hs, keep)
-        else:
-            y1, err, st = _step_rodas(tab, fc, tc, y, hcol, f0, ft, lu, _block_solve, hs, keep)
-        ratio = _ratio(err, y, y1, rtol, atol, parts)
+        order = scheme.order  # (of the method that takes this step: per sample for auto)
+        y1, ratio, st, converged = scheme.attempt(tc, y, f0, hs, hl, running)
         with torch.no_grad():
             finite = torch.isfinite(y1).all(1) & torch.isfinite(ratio)
+            if converged is not None:
+                finite_conv = finite & converged
+            else:
+                finite_conv = finite
             small = hs.abs() <= min_step * (1 + 1e-12)
-            accept = running & finite & converged & ((ratio <= 1.0) | small | (fixed is not None))
+            accept = running & finite_conv & ((ratio <= 1.0) | small | (fixed is not None))
         nsteps += running
         nacc += accept
         nfe += running * (calls[0] + derivs.calls - c0)
@@ -329,12 +392,7 @@ def solve_batched_stiff(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, meth
                 theta = ((tjg - T0g[:, None]) - (tc - t0)[:, None]) / hsafe[:, None]
             else:
                 theta = (tj - tc[:, None]) / hsafe[:, None]
-            theta = theta.to(y0.dtype)[:, :, None]
-            stages = tuple(u[:, None] for u in st)
-            if esdirk:
-                vals = _hermite(theta, y[:, None], y1[:, None], hcol[:, :, None], *stages)
-            else:
-                vals = _interp(method, theta, y[:, None], y1[:, None], hcol[:, :, None], stages)
+            vals = scheme.dense(theta.to(y0.dtype)[:, :, None], y, y1, hcol, st)
             if not tgrad:
                 vals = torch.where((tj == t1[:, None])[..., None], y1[:, None, :], vals)
             rows = torch.where(within, oi * B + ar[:, None], spare)
@@ -344,15 +402,16 @@ def solve_batched_stiff(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, meth
         y = torch.where(accept[:, None], y1, y)
         with torch.no_grad():
             r = torch.where(finite, ratio, math.inf)
-            fac = torch.where(r == 0, ifactor, safety * r ** (-1.0 / order))
+            fac = torch.where(r == 0, ifactor, safety * r ** (-1.0 / torch.as_tensor(
+                order, dtype=torch.float64, device=dev)))
             fac = torch.where(r < 1, torch.clamp(fac, 1.0, ifactor),
                               torch.clamp(fac, dfactor, 1.0))
             fac = torch.where(accept & last_rejected, torch.clamp(fac, max=1.0), fac)
-            if esdirk:  # a Newton failure: retry with half the step (as EsdirkScheme)
+            if converged is not None:  # a Newton failure: retry with half the step
                 fac = torch.where(finite & ~converged, 0.5, fac)
             h_new = torch.clamp(hs.abs() * fac, min=min_step, max=max_step)
             if fixed is not None:  # a non-finite (or unconverged) step fails the sample
-                h_new = torch.where(finite & converged, abs(float(fixed)), 0.0)
+                h_new = torch.where(finite_conv, abs(float(fixed)), 0.0)
             last_rejected = torch.where(running, ~accept, last_rejected)
             last_nonfinite = torch.where(accept, False, last_nonfinite | (running & ~finite))
             new = torch.where(accept & (t1 == t_end), int(Status.SUCCESS), RUNNING)
@@ -363,8 +422,10 @@ def solve_batched_stiff(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, meth
             status = torch.where(running, new, status)
             h = torch.where(running & (hs != 0), h_new, h)
             h_safe = torch.where(running & (hs != 0), hs.abs(), h_safe)
+        scheme.after(accept, running, h_new)  # (outside no_grad: it may keep f(t1, y1))
     out = ys[: m * B].reshape(m, B, n)
-    stats = Stats(nfe=nfe, steps=nsteps, accepted=nacc, rejected=nsteps - nacc)
+    stats = Stats(nfe=nfe, steps=nsteps, accepted=nacc, rejected=nsteps - nacc,
+                  **scheme.stats())
     sol = Solution(ys=out, ts=t_out, stats=stats, status=status, backend="torch",
                    method=method)
     sol.message = _message(status, tc)
