@@ -188,8 +188,10 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
     out = tuple(p.reshape(m, *bshape, *r) for p, r in zip(pieces, rests, strict=True))
     sol.ys = out if tree.is_tuple else out[0]
     sol.status = sol.status.reshape(bshape)
-    for k in ("nfe", "steps", "accepted", "rejected"):
-        setattr(sol.stats, k, getattr(sol.stats, k).reshape(bshape))
+    for k in ("nfe", "steps", "accepted", "rejected", "switches"):
+        v = getattr(sol.stats, k)
+        if isinstance(v, torch.Tensor):  # (switches: per sample with auto, else 0)
+            setattr(sol.stats, k, v.reshape(bshape))
     if raise_on_failure and not sol.success:
         first = Status(int(sol.status.reshape(-1)[sol.status.reshape(-1) != 0][0]))
         raise STATUS_ERRORS.get(first, E.SolverError)(f"torch/{meth} (batch_dims): "

@@ -19,7 +19,8 @@ from pydiffbridge.errors import InputError, UnknownOptionError
 from pydiffbridge.solution import Status
 
 D = torch.float64
-METHODS = [("rosenbrock23", 1e-4), ("rodas4", 1e-6), ("rodas5", 1e-6), ("kvaerno5", 1e-6)]
+METHODS = [("rosenbrock23", 1e-4), ("rodas4", 1e-6), ("rodas5", 1e-6), ("kvaerno5", 1e-6),
+           ("auto", 1e-6)]
 
 
 def _radau(p, y0, t):
@@ -80,7 +81,8 @@ def test_samples_step_independently():
         assert _err(sol.ys[:, b], torch.tensor(r.y.T), 1e-6, 1e-6) < 100
 
 
-def test_per_sample_output_times_and_direction():
+@pytest.mark.parametrize("method", ["rodas5", "auto"])
+def test_per_sample_output_times_and_direction(method):
     """Each sample has its own output times (and sample 1 integrates backwards); linear
     stiff system with a closed form."""
     A = torch.tensor([[-1.0, 0.0], [999.0, -1000.0]], dtype=D)  # eigenvalues -1, -1000
@@ -91,7 +93,7 @@ def test_per_sample_output_times_and_direction():
     y0 = torch.tensor([[1.0, 2.0], [0.5, -1.0]], dtype=D)
     # (backwards, the stiff mode grows as e^{1000 |dt|}: a short span keeps it representable)
     t = torch.tensor([[0.0, 0.3, 1.0, 2.5], [0.02, 0.015, 0.005, 0.0]], dtype=D)
-    sol = pdb.solve(f, y0, t, method="rodas5", rtol=1e-8, atol=1e-10, batch_dims=1)
+    sol = pdb.solve(f, y0, t, method=method, rtol=1e-8, atol=1e-10, batch_dims=1)
     assert sol.ts.shape == (2, 4)
     for b in range(2):
         for j in range(4):
@@ -236,11 +238,12 @@ def test_adjoint_matches_direct(mode):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (a, b)
 
 
-def test_float32_batch():
+@pytest.mark.parametrize("method", ["rodas5", "auto"])
+def test_float32_batch(method):
     A = torch.tensor([[-1.0, 0.0], [999.0, -1000.0]])
     y0 = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
     t = torch.tensor([0.0, 1.0])
-    sol = pdb.solve(lambda tt, y: y @ A.T, y0, t, method="rodas5", rtol=1e-4, atol=1e-6,
+    sol = pdb.solve(lambda tt, y: y @ A.T, y0, t, method=method, rtol=1e-4, atol=1e-6,
                     batch_dims=1)
     assert sol.ys.dtype == torch.float32
     ref = y0.double() @ torch.linalg.matrix_exp(A.double()).T
@@ -264,7 +267,8 @@ def test_bad_inputs_raise_clear_errors():
                   options={"jac": lambda tt, y: torch.zeros(3, 3, dtype=D)})
 
 
-def test_tuple_state_and_two_batch_dims():
+@pytest.mark.parametrize("method", ["rodas4", "auto"])
+def test_tuple_state_and_two_batch_dims(method):
     """A tuple state with two batch dimensions: shapes come back as given; the values are the
     closed form of two decoupled stiff decays."""
     y0 = (torch.ones(2, 3, 1, dtype=D), torch.full((2, 3, 2), 2.0, dtype=D))
@@ -273,13 +277,15 @@ def test_tuple_state_and_two_batch_dims():
         return (-y[0], -500.0 * y[1])
 
     t = torch.tensor([0.0, 0.1, 1.0], dtype=D)
-    sol = pdb.solve(f, y0, t, method="rodas4", rtol=1e-8, atol=1e-10, batch_dims=2)
+    sol = pdb.solve(f, y0, t, method=method, rtol=1e-8, atol=1e-10, batch_dims=2)
     a, b = sol.ys
     assert a.shape == (3, 2, 3, 1) and b.shape == (3, 2, 3, 2)
     assert sol.status.shape == (2, 3)
     assert torch.allclose(a[:, 0, 0, 0], torch.exp(-t), rtol=1e-6)
     assert torch.allclose(b[:, 1, 2, 1], 2 * torch.exp(-500 * t), rtol=1e-5, atol=1e-9)
     np.testing.assert_array_equal(sol.stats.steps.shape, (2, 3))
+    if method == "auto":
+        assert sol.stats.switches.shape == (2, 3)
 
 
 @pytest.mark.parametrize("method,rtol", [("rosenbrock23", 1e-9), ("rodas4", 1e-10),
