@@ -59,7 +59,9 @@ def solve(func: Callable, y0, t, *, rtol: Any = 1e-7, atol: Any = 1e-9, method: 
             adaptive methods; see :mod:`pydiffbridge.solvers.batched`).  ``func`` then receives
             ``t`` of the batch shape; ``t`` may be ``(m,)`` or ``batch_shape + (m,)``; stats
             and status are per-sample tensors.  ``gradient="adjoint"``/``"checkpointed"``
-            solve one joint adjoint over the batch (parameters shared by the samples).
+            solve one joint adjoint over the batch (parameters shared by the samples);
+            ``"interpolated"`` reads ``z`` from the per-sample forward's dense output (see
+            :mod:`pydiffbridge.gradients.batched_interp`).
 
     Returns:
         A :class:`Solution`; ``ys`` has the structure of ``y0`` with a leading time dimension.

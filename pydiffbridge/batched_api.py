@@ -54,9 +54,9 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
                            "event_fn separately")
     g = gradient
     gradient, adjoint_params = g.mode, g.params
-    if gradient not in ("direct", "auto", "adjoint", "checkpointed"):
-        raise E.InputError(f"batch_dims supports gradient='direct', 'auto', 'adjoint' or "
-                           f"'checkpointed', got {gradient!r}; drop batch_dims for it")
+    if gradient not in ("direct", "auto", "adjoint", "checkpointed", "interpolated"):
+        raise E.InputError(f"batch_dims supports gradient='direct', 'auto', 'adjoint', "
+                           f"'checkpointed' or 'interpolated', got {gradient!r}")
     tree = Tree.of(y0)
     V.check_not_meta(y0, "y0")
     V.check_not_meta(t, "t")
@@ -155,7 +155,7 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
             [o.reshape(B, -1) for o in outs], 1)
 
     params = ()
-    if gradient in ("adjoint", "checkpointed") and torch.is_grad_enabled():
+    if gradient in ("adjoint", "checkpointed", "interpolated") and torch.is_grad_enabled():
         params = adjoint_params_of(func, adjoint_params)
         if not (flat0.requires_grad or t.requires_grad or any(q.requires_grad for q in params)):
             gradient = "direct"  # nothing to differentiate: the plain forward solve
@@ -177,10 +177,16 @@ def batched_solve(func: Callable, y0, t, *, batch_dims: int, rtol: Any, atol: An
                 V.check_tolerance_pair(rtol_v if adj["rtol"] is None else adj["rtol"],
                                        atol_v if adj["atol"] is None else adj["atol"],
                                        "adjoint_rtol", "adjoint_atol")
-            from .gradients.batched import bridge_batched
+            if gradient == "interpolated":
+                from .gradients.batched_interp import bridge_batched_interp
 
-            sol = bridge_batched(f, flat0, t, tb, meth, rtol_v, atol_v, opts,
-                                 parts or [n_state], tdtype, params, gradient, adj)
+                sol = bridge_batched_interp(f, flat0, t, tb, meth, rtol_v, atol_v, opts,
+                                            parts or [n_state], tdtype, params, adj)
+            else:
+                from .gradients.batched import bridge_batched
+
+                sol = bridge_batched(f, flat0, t, tb, meth, rtol_v, atol_v, opts,
+                                     parts or [n_state], tdtype, params, gradient, adj)
     sol.ts = tb.reshape(*bshape, -1) if t.ndim > 1 else t
     m = sol.ys.shape[0]
     ys = sol.ys.reshape(m, B, -1)

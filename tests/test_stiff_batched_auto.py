@@ -222,10 +222,12 @@ def test_bad_options_raise_clear_errors():
 
 
 @pytest.mark.parametrize("method", ["auto", "rodas5"])
-def test_checkpointed_on_a_strongly_stiff_batch(method):
-    """Robertson (rate constants k as parameters), a batch of 2, gradient='checkpointed': the
-    per-sample forward re-solved from checkpoints with the graph, so no back-solve of z (the
-    plain adjoint's z-solve underflows here).  d loss / dk against central differences of
+@pytest.mark.parametrize("mode", ["checkpointed", "interpolated"])
+def test_stable_adjoints_on_a_strongly_stiff_batch(method, mode):
+    """Robertson (rate constants k as parameters), a batch of 2, gradient='checkpointed' (the
+    per-sample forward re-solved from checkpoints with the graph) and 'interpolated' (z from
+    the forward's dense output): no back-solve of z (the plain adjoint's z-solve underflows
+    here).  d loss / dk against central differences of
     SciPy Radau at rtol 1e-10 (relative step 1e-5: the solves' errors of ~1e-13 in the loss give
     ~1e-7 relative in the differences), within 1e-5 relative: the solve runs at rtol 1e-7
     (measured: 2e-8)."""
@@ -241,7 +243,7 @@ def test_checkpointed_on_a_strongly_stiff_batch(method):
                             k[1] * b * b], 1)
 
     sol = pdb.solve(f, y0, t, method=method, rtol=1e-7, atol=1e-7 * p.atol_scale,
-                    batch_dims=1, gradient="checkpointed", adjoint_params=(k,))
+                    batch_dims=1, gradient=mode, adjoint_params=(k,))
     (g,) = torch.autograd.grad(sol.ys[-1, :, 0].sum() + sol.ys[1, :, 1].sum(), k)
 
     def loss(kv):

@@ -44,9 +44,30 @@ BATCHED_OPTIONS = {"dtype", "max_num_steps", "first_step", "min_step", "max_step
                    "max_outputs_per_step", "compile"}
 
 
+#: the step fractions at which :func:`record_step` samples a step's dense output: enough for
+#: the polynomial of degree <= 5 of every dense output here
+RECORD_NODES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def record_step(record: list, tc, hs, accept, dense: Callable) -> None:
+    """Append one step to ``record``: ``(t_start, h, accepted, values)`` with ``values`` of
+    shape ``(B, len(RECORD_NODES), n)`` = ``dense(theta)`` at the fractions
+    :data:`RECORD_NODES` (``theta`` of shape ``(B, k)``); only accepted samples' rows are
+    used.  Times and decisions may be NumPy arrays (the host path): they are copied."""
+    acc = torch.as_tensor(np.array(accept) if isinstance(accept, np.ndarray) else accept)
+    if not bool(acc.any()):
+        return
+    tct = torch.as_tensor(np.array(tc) if isinstance(tc, np.ndarray) else tc.clone())
+    hst = torch.as_tensor(np.array(hs) if isinstance(hs, np.ndarray) else hs.clone())
+    theta = torch.tensor(RECORD_NODES, dtype=torch.float64).expand(tct.shape[0], -1)
+    vals = dense(theta.to(tct.device))
+    record.append((tct.to(vals.device), hst.to(vals.device), acc.to(vals.device),
+                   vals.detach().clone()))
+
+
 def solve_batched(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, tab: Tableau, rtol: Any,
                   atol: Any, opts: dict, parts: list[int] | None = None,
-                  tdtype: torch.dtype = torch.float64) -> Solution:
+                  tdtype: torch.dtype = torch.float64, record: list | None = None) -> Solution:
     """Integrate ``dy/dt = f(t, y)`` for ``y0`` of shape ``(B, n)``, each sample on its own.
 
     Args:
@@ -54,6 +75,7 @@ def solve_batched(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, tab: Table
         t_out: output times of shape ``(B, m)``, each row strictly monotonic.
         rtol, atol: floats or tensors broadcastable to ``(B, n)``.
         parts: component sizes of a tuple state (the error norm is the max of their RMS).
+        record: a list that receives every step's dense output (:func:`record_step`).
 
     Returns:
         A :class:`Solution` with ``ys`` of shape ``(m, B, n)``, ``ts = t_out``, per-sample
@@ -200,6 +222,10 @@ def solve_batched(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, tab: Table
                 ys.index_copy_(0, to_t(rows).reshape(-1), vals.reshape(-1, n))
                 idx = idx + within.sum(1)
                 moved = True
+            if record is not None:
+                record_step(record, tc, hs, good, lambda th, y=y, K=K: torch.baddbmm(
+                    y[:, None, :], eng.weights(th.to(eng.P.dtype)).to(K.dtype),
+                    K.transpose(0, 1)))
             # advance the accepted samples.  On the CPU, when every running sample is accepted
             # and every ratio is finite, y1 is y itself for the stopped samples (their h k rows
             # are exact zeros): no masking needed

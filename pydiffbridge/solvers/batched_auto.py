@@ -29,8 +29,8 @@ from collections.abc import Callable
 import torch
 
 from .autoswitch import _HLAMBDA_STIFF, _HRHO_NONSTIFF, check_auto_options
+from .batched_implicit import BatchedDerivatives, ImplicitStep
 from .batched_step import _Batched, _interp_poly
-from .batched_stiff import BatchedDerivatives, ImplicitStep
 from .rosenbrock import ROSENBROCK_METHODS
 from .tableaus import TABLEAUS
 
