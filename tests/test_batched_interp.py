@@ -101,6 +101,9 @@ def test_bad_options_and_failed_forward():
         pdb.solve(lambda tt, y: -k[:, None] * y, y0, t, method="rodas5", batch_dims=1,
                   gradient="interpolated", adjoint_params=(k,),
                   adjoint_options={"checkpoints": 4})
+    with pytest.raises(InputError, match="dopri5"):  # (its dense output is a cubic Hermite)
+        pdb.solve(lambda tt, y: -k[:, None] * y, y0, t, method="dopri8", batch_dims=1,
+                  gradient="interpolated", adjoint_params=(k,))
     first = torch.tensor([True, False])
 
     def bad(tt, y):

@@ -249,6 +249,12 @@ def bridge_batched_interp(f: Callable, flat0: torch.Tensor, t: torch.Tensor, tb:
     from ..backends.torch import STIFF_ADAPTIVE_METHODS
 
     B, n = flat0.shape
+    tab = TABLEAUS.get(method)
+    if tab is not None and tab.interp == "hermite" and tab.order >= 5:
+        raise E.InputError(f"gradient='interpolated' with batch_dims reads z from the forward's "
+                           f"dense output, which for {method!r} is a cubic Hermite (far less "
+                           "accurate than its steps); use dopri5 or tsit5, or "
+                           "gradient='checkpointed'")
     aopts = dict(adj["options"] or {})
     bad = sorted(set(aopts) & set(_RECORD_ONLY))
     if bad:
