@@ -31,17 +31,15 @@ from ..backends.base import SolveSpec, get_backend
 from ..solution import Solution, Stats
 from ..solvers.batched import RECORD_NODES, solve_batched
 from ..solvers.batched_stiff import BATCHED_STIFF_METHODS, solve_batched_stiff
+from ..solvers.jacobian import batched_vjp
 from ..solvers.tableaus import TABLEAUS
-from .batched import _TimeMap
-from .common import block_norm, grad_params
+from .batched import _SHARED_STIFF, _TimeMap
+from .common import adjoint_vjp, block_norm, grad_params
 
 __all__ = ["BatchedRecord", "bridge_batched_interp"]
 
 #: options of the single solve's record that do not apply here (the record is the forward's)
 _RECORD_ONLY = ("checkpoints", "refine", "max_record")
-#: the forward's options that the backward solve takes over (where its method accepts them)
-_CARRY = ("dtype", "max_num_steps", "first_step", "min_step", "max_step", "safety", "ifactor",
-          "dfactor")
 
 
 class BatchedRecord:
@@ -99,6 +97,7 @@ class _Config:
     tdtype: torch.dtype
     tmap: _TimeMap | None
     back_spec: SolveSpec
+    exact_jac: bool  # give the (stiff) backward method the augmented system's Jacobian
     param_sizes: tuple[int, ...]
     stats: Stats = field(default_factory=Stats)
     sol: Solution | None = None
@@ -188,13 +187,8 @@ def _back_solve(cfg: _Config, rec: BatchedRecord, s_hi, s_lo, a, g, params):
         cfg.stats.nfe_backward += 1
         with torch.enable_grad():
             z, fz = _F(cfg, rec, s)
-            vj = (torch.autograd.grad(fz, (z, *params), -x[:N].reshape(B, n),
-                                      allow_unused=True) if fz.requires_grad
-                  else (None,) * (1 + len(params)))
-        out = [vj[0].reshape(-1) if vj[0] is not None else x.new_zeros(N)]
-        for v, q in zip(vj[1:], params, strict=True):
-            out.append(x.new_zeros(q.numel()) if v is None else v.reshape(-1).to(x.dtype))
-        return torch.cat(out)
+            parts = adjoint_vjp(fz, z, params, -x[:N].reshape(B, n), x.dtype)
+        return torch.cat(parts)
 
     def jac(s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """[[-(dF/dz)^T, 0], [-(dF/dtheta)^T, 0]]: one batched vjp of N unit vectors."""
@@ -206,14 +200,7 @@ def _back_solve(cfg: _Config, rec: BatchedRecord, s_hi, s_lo, a, g, params):
             J = x.new_zeros(N + P, N + P)
             if not fz.requires_grad:
                 return J
-            try:
-                rows = torch.autograd.grad(fz, (z, *params), eye, is_grads_batched=True,
-                                           allow_unused=True)
-            except RuntimeError:  # f not vmap-able: one product a row
-                per = [torch.autograd.grad(fz, (z, *params), eye[r], retain_graph=True,
-                                           allow_unused=True) for r in range(N)]
-                rows = tuple(None if per[0][k] is None else torch.stack([p[k] for p in per])
-                             for k in range(1 + len(params)))
+            rows = batched_vjp(fz, (z, *params), eye)
         if rows[0] is not None:
             J[:N, :N] = -rows[0].reshape(N, N).T
         col = N
@@ -224,9 +211,9 @@ def _back_solve(cfg: _Config, rec: BatchedRecord, s_hi, s_lo, a, g, params):
         return J
 
     spec = cfg.back_spec
-    if spec.options.get("_exact_jac"):
-        opts = {k: v for k, v in spec.options.items() if k != "_exact_jac"}
-        spec = SolveSpec(spec.method, spec.rtol, spec.atol, {**opts, "jac": jac}, spec.norm)
+    if cfg.exact_jac:
+        spec = SolveSpec(spec.method, spec.rtol, spec.atol, {**spec.options, "jac": jac},
+                         spec.norm)
     tt = torch.stack([s_hi, s_lo]).detach()
     sol = get_backend("torch").solve(aug, torch.cat([a.reshape(-1), g]), tt, spec, None)
     cfg.stats.steps_backward += int(sol.stats.steps)
@@ -280,19 +267,19 @@ def bridge_batched_interp(f: Callable, flat0: torch.Tensor, t: torch.Tensor, tb:
     rt = adj["rtol"] if adj["rtol"] is not None else rtol
     at = adj["atol"] if adj["atol"] is not None else atol
     be.check_options(back, aopts)
-    for k in _CARRY:  # the forward's step settings carry over where the backward method
-        if k in opts and k not in aopts:  # takes them (a per-sample jac does not)
+    for k in _SHARED_STIFF:  # the forward's step settings carry over where the backward
+        if k in opts and k not in aopts:  # method takes them (a per-sample jac does not)
             try:
                 be.check_options(back, {k: opts[k]})
             except E.UnknownOptionError:
                 continue
             aopts[k] = opts[k]
-    if back in STIFF_ADAPTIVE_METHODS and "jac" not in aopts and "jacobian" not in aopts:
-        aopts["_exact_jac"] = True
+    exact_jac = back in STIFF_ADAPTIVE_METHODS and "jac" not in aopts and "jacobian" not in aopts
     norm = block_norm(parts * B + [s for s in sizes if s], B * n + P)
     back_spec = SolveSpec(back, flat_tol(rt), flat_tol(at), aopts, norm)
     tmap = _TimeMap(tb) if t.ndim > 1 else None
-    cfg = _Config(f, B, n, method, rtol, atol, opts, parts, tdtype, tmap, back_spec, sizes)
+    cfg = _Config(f, B, n, method, rtol, atol, opts, parts, tdtype, tmap, back_spec, exact_jac,
+                  sizes)
     ys = _BatchedInterp.apply(cfg, flat0, tb, *gparams)
     sol = cfg.sol
     sol.ys = ys

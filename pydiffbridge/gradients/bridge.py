@@ -40,6 +40,7 @@ from ..solution import Solution, Stats
 from ..solvers.hooks import adjoint_hooks
 from .common import (
     adjoint_options,
+    adjoint_vjp,
     block_norm,
     event_time,
     finish_backward,
@@ -263,15 +264,8 @@ def _back_solve(cfg, t_hi, t_lo, z_hi, a, g, params, counter):
         with torch.enable_grad():
             z = s[:n].detach().requires_grad_(True)
             f = func(tt, z)
-            if f.requires_grad:
-                vj = torch.autograd.grad(f, (z, *params), -s[n:2 * n], allow_unused=True)
-            else:
-                vj = (None,) * (1 + len(params))
-        parts = [f.detach(), vj[0] if vj[0] is not None else torch.zeros_like(f)]
-        for v, q in zip(vj[1:], params, strict=True):
-            parts.append(torch.zeros(q.numel(), dtype=s.dtype, device=s.device) if v is None
-                         else v.reshape(-1).to(s.dtype))
-        return torch.cat(parts)
+            parts = adjoint_vjp(f, z, params, -s[n:2 * n], s.dtype)
+        return torch.cat([f.detach(), *parts])
 
     aug.hooks = adjoint_hooks(func, n, z_hi.real.dtype, z_hi.device)
     s0 = torch.cat([z_hi, a, g])

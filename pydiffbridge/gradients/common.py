@@ -15,7 +15,7 @@ from .. import errors as E
 from ..solution import Stats
 
 __all__ = ["block_norm", "forward_part", "eval", "time_grads", "finish_backward",
-           "grad_params", "parse_checkpoints", "adjoint_options", "event_time"]
+           "grad_params", "parse_checkpoints", "adjoint_options", "event_time", "adjoint_vjp"]
 
 
 def block_norm(sizes: list[int], keep: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -39,6 +39,19 @@ def block_norm(sizes: list[int], keep: int) -> Callable[[torch.Tensor], torch.Te
     if keep == sum(sizes):  # a plain block RMS: the branch-free loop computes the same norm
         norm.rms_parts = list(sizes)
     return norm
+
+
+def adjoint_vjp(f: torch.Tensor, z: torch.Tensor, params: tuple, cot: torch.Tensor,
+                dtype: torch.dtype) -> list[torch.Tensor]:
+    """``[cotᵀ ∂f/∂z, cotᵀ ∂f/∂θ_1, ...]`` flattened (zeros for what ``f`` does not use, or all
+    zeros when ``f`` needs no gradient): the adjoint parts of every augmented right-hand side."""
+    vj = (torch.autograd.grad(f, (z, *params), cot, allow_unused=True) if f.requires_grad
+          else (None,) * (1 + len(params)))
+    parts = [vj[0].reshape(-1) if vj[0] is not None else z.new_zeros(z.numel())]
+    for v, q in zip(vj[1:], params, strict=True):
+        parts.append(torch.zeros(q.numel(), dtype=dtype, device=z.device) if v is None
+                     else v.reshape(-1).to(dtype))
+    return parts
 
 
 def forward_part(s: Stats) -> Stats:

@@ -44,6 +44,7 @@ from ..backends.base import SolveSpec
 from ..solution import Solution, Stats, Status
 from .common import (
     adjoint_options,
+    adjoint_vjp,
     block_norm,
     event_time,
     finish_backward,
@@ -300,14 +301,7 @@ def _back_solve(cfg: _Config, rec: HermiteRecord, t_hi, t_lo, a, g, params, coun
         z = rec(float(tt.detach())).detach().requires_grad_(True)
         with torch.enable_grad():
             f = func(tt, z)
-            if f.requires_grad:
-                vj = torch.autograd.grad(f, (z, *params), -s[:n], allow_unused=True)
-            else:
-                vj = (None,) * (1 + len(params))
-        parts = [vj[0] if vj[0] is not None else torch.zeros_like(s[:n])]
-        for v, q in zip(vj[1:], params, strict=True):
-            parts.append(torch.zeros(q.numel(), dtype=s.dtype, device=s.device) if v is None
-                         else v.reshape(-1).to(s.dtype))
+            parts = adjoint_vjp(f, z, params, -s[:n], s.dtype)
         return torch.cat(parts)
 
     tt = torch.stack([t_hi, t_lo]).detach()

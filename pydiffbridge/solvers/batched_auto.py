@@ -51,6 +51,7 @@ class AutoStep:
         self.explicit = _Batched(fc, self.tab, y0, rtol, atol, {}, parts, tdtype)
         self.explicit.functional = True  # (its buffered form assumes it takes every step)
         self.P, self.pows = _interp_poly(self.tab, y0.dtype, y0.device)
+        self.c = torch.tensor(self.tab.c, dtype=torch.float64, device=y0.device)
         self.fc, self.rtol, self.atol, self.parts = fc, rtol, atol, parts
         B, dev = y0.shape[0], y0.device
         self.stiff = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -95,8 +96,7 @@ class AutoStep:
         st_e = st_i = None
         if bool(expl.any()):
             he = torch.where(expl, hs, 0.0)
-            c = torch.tensor(self.tab.c, dtype=tc.dtype, device=tc.device)
-            tst = tc[None, :] + c[:, None] * he[None, :]
+            tst = tc[None, :] + self.c[:, None] * he[None, :]
             y1, K, self.kend, ratio = self.explicit.step(tst, y, f0, he.to(y.dtype)[:, None],
                                                          tc + he)
             with torch.no_grad():

@@ -15,7 +15,7 @@ from ..errors import InputError
 from .batched_esdirk import esdirk_step, newton_tol
 from .batched_step import per_sample_rms
 from .esdirk import KVAERNO5, _hermite
-from .jacobian import check_jacobian_option
+from .jacobian import batched_vjp, check_jacobian_option
 from .rosenbrock import _GAMMA, _ORDER, _TABLES, _interp, _step_rodas, _step_ros23
 
 __all__ = ["BatchedDerivatives", "ImplicitStep"]
@@ -102,13 +102,7 @@ class BatchedDerivatives:
                 J = self._fd(t, y, fy)
                 return fy, J, self._ft_fd(t, y, fy)
             inputs = (yy,) if self.autonomous else (yy, tin)
-            kw = dict(retain_graph=True, create_graph=graph, allow_unused=True)
-            try:
-                gs = torch.autograd.grad(fy, inputs, eye, is_grads_batched=True, **kw)
-            except RuntimeError:  # not vmap-able: one product a row
-                rows = [torch.autograd.grad(fy, inputs, eye[i], **kw) for i in range(n)]
-                gs = tuple(None if rows[0][k] is None else torch.stack([r[k] for r in rows])
-                           for k in range(len(inputs)))
+            gs = batched_vjp(fy, inputs, eye, retain_graph=True, create_graph=graph)
         return self._assemble(fy, gs, y, graph)
 
     def _func(self, t, y, eye):

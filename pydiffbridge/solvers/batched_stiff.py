@@ -207,8 +207,7 @@ def solve_batched_stiff(f: Callable, y0: torch.Tensor, t_out: torch.Tensor, meth
         y = torch.where(accept[:, None], y1, y)
         with torch.no_grad():
             r = torch.where(finite, ratio, math.inf)
-            fac = torch.where(r == 0, ifactor, safety * r ** (-1.0 / torch.as_tensor(
-                order, dtype=torch.float64, device=dev)))
+            fac = torch.where(r == 0, ifactor, safety * r ** (-1.0 / order))
             fac = torch.where(r < 1, torch.clamp(fac, 1.0, ifactor),
                               torch.clamp(fac, dfactor, 1.0))
             fac = torch.where(accept & last_rejected, torch.clamp(fac, max=1.0), fac)

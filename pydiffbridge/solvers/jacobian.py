@@ -33,7 +33,22 @@ import torch
 
 from ..errors import InputError
 
-__all__ = ["Derivatives", "check_jacobian_option", "lu_of", "lu_apply"]
+__all__ = ["Derivatives", "check_jacobian_option", "lu_of", "lu_apply", "batched_vjp"]
+
+
+def batched_vjp(out: torch.Tensor, inputs: tuple, cots: torch.Tensor, **kw) -> tuple:
+    """``torch.autograd.grad(out, inputs, cots[r])`` for every row ``r`` of ``cots``, stacked
+    per input (``None`` for an unused input): one batched call (``is_grads_batched``), or one
+    call a row where ``out``'s graph cannot be vmapped.  ``kw``: ``autograd.grad``'s options
+    (``allow_unused`` is always on)."""
+    kw = {**kw, "allow_unused": True}
+    try:
+        return torch.autograd.grad(out, inputs, cots, is_grads_batched=True, **kw)
+    except RuntimeError:  # not vmap-able: one product a row
+        rows = [torch.autograd.grad(out, inputs, c, **{**kw, "retain_graph": True})
+                for c in cots]
+        return tuple(None if rows[0][k] is None else torch.stack([r[k] for r in rows])
+                     for k in range(len(inputs)))
 
 
 def lu_of(J: torch.Tensor, diag: float, scale: float):
@@ -181,17 +196,8 @@ class Derivatives:
                 return None
             nb = self.blocks or 1
             eye = torch.eye(n // nb, dtype=fy.dtype, device=fy.device).repeat(1, nb)
-            try:
-                gs = torch.autograd.grad(fy, inputs, eye, retain_graph=True,
-                                         create_graph=graph and self.jac_graph,
-                                         allow_unused=True, is_grads_batched=True)
-            except RuntimeError:  # f not vmap-able: one vector-Jacobian product a row
-                rows = [torch.autograd.grad(fy, inputs, eye[i], retain_graph=True,
-                                            create_graph=graph and self.jac_graph,
-                                            allow_unused=True)
-                        for i in range(eye.shape[0])]
-                gs = tuple(None if rows[0][k] is None else torch.stack([r[k] for r in rows])
-                           for k in range(len(inputs)))
+            gs = batched_vjp(fy, inputs, eye, retain_graph=True,
+                             create_graph=graph and self.jac_graph)
         J = gs[0] if gs[0] is not None else torch.zeros(eye.shape, dtype=y.dtype,
                                                          device=y.device)
         ft = None
